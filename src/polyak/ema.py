@@ -117,7 +117,7 @@ class EMA:
         include: a predicate ``(name, tensor) -> bool`` choosing the tracked tensors. Parameters
             with ``requires_grad=False`` are never tracked: they keep no shadow, and exports take
             them from the live model.
-        kernel: ``"auto"``, ``"fused"``, ``"foreach"`` or ``"reference"`` (see
+        kernel: ``"auto"``, ``"fused"``, ``"triton"``, ``"foreach"`` or ``"reference"`` (see
             :mod:`polyak._kernels`); ``repr(ema)`` shows the one chosen.
         rounding: ``"nearest"``, or ``"stochastic"`` for bf16 shadows
             (``shadow_dtype=torch.bfloat16``): half the memory of fp32 shadows, and tiny updates
@@ -336,7 +336,7 @@ class EMA:
         policy = "offload" if self.offload else ("side" if self.stream else "inline")
         self._engine = _kernels.Engine(
             _kernels.builder(self.kernel, rounding=self.rounding, seed=self.seed),
-            _kernels.builder("foreach" if self.kernel == "fused" else self.kernel),
+            _kernels.builder("foreach" if self.kernel in ("fused", "triton") else self.kernel),
             ([self._shadows[n] for n in self._averaged], [self._live[n] for n in self._averaged]),
             ([self._shadows[n] for n in self._copied], [self._live[n] for n in self._copied]),
             policy,

@@ -10,8 +10,12 @@ construction; ``update.lerp_(w)`` then runs ``shadow += w * (source - shadow)`` 
   lower precision than their shadows (bf16 weights, fp32 shadows) are upcast through one persistent,
   chunked scratch buffer, so nothing is allocated per update.
 - ``fused``: ``torch.compile`` of the per-group update: one pass that reads each source and shadow
-  once and writes each shadow once (the memory floor), and the only fast path for stochastic
-  rounding into bf16 shadows. Compiling costs seconds (CPU: tens of seconds) at the first update.
+  once and writes each shadow once (the memory floor), and the fast path for stochastic rounding
+  into bf16 shadows. Compiling costs seconds (CPU: tens of seconds) at the first update.
+- ``triton``: a hand-written Triton kernel, one launch per group over tables of tensor addresses:
+  the same single pass and the same stochastic rounding, compiled once per dtype combination
+  (no per-tensor compilation or launch). CUDA only (Triton's interpreter runs it on the CPU under
+  ``TRITON_INTERPRET=1``, for tests); needs the ``triton`` package, imported only when chosen.
 
 :class:`~polyak._kernels._engine.Engine` then decides where and when the update runs (inline, side
 CUDA stream, or offloaded to the host).
@@ -32,10 +36,11 @@ from polyak._kernels._reference import ReferenceUpdate
 
 __all__ = ["KERNELS", "Engine", "Update", "build", "builder", "choose"]
 
-KERNELS: dict[str, type] = {
+KERNELS: dict[str, type | None] = {
     "reference": ReferenceUpdate,
     "foreach": ForeachUpdate,
     "fused": FusedUpdate,
+    "triton": None,  # imported on first use: triton is an optional dependency
 }
 ROUNDING = ("nearest", "stochastic")
 
@@ -61,6 +66,15 @@ def choose(requested: str, tensors: Sequence[torch.Tensor], rounding: str = "nea
             "kernel='foreach' cannot round stochastically (no multi-tensor op does it); use "
             "kernel='fused' or 'auto' (or 'reference' for the slow per-tensor definition)."
         )
+    if requested == "triton":
+        if not _has_triton():
+            raise ValueError(
+                "kernel='triton' needs the triton package, which is not installed; "
+                "`pip install triton` (Linux, CUDA), or use kernel='auto'."
+            )
+        from polyak._kernels._triton import check_applicable
+
+        check_applicable(list(tensors), list(tensors))
     return requested
 
 
@@ -82,6 +96,10 @@ def build(
     seed: int = 0,
 ) -> Update:
     """Plan the update of ``shadows`` from ``sources`` with the named kernel."""
+    if kernel == "triton" and KERNELS["triton"] is None:
+        from polyak._kernels._triton import TritonUpdate
+
+        KERNELS["triton"] = TritonUpdate
     return KERNELS[kernel](
         list(shadows), list(sources), stochastic=rounding == "stochastic", seed=seed
     )

@@ -1,0 +1,230 @@
+"""The hand-written Triton kernel against the reference path.
+
+On a machine without CUDA these run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here
+before the kernel module is imported); with CUDA they run the compiled kernel on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton", reason="triton is not installed (no wheel for this platform)")
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def interpreter():
+    """Without CUDA, run every kernel in Triton's interpreter; restore the environment after."""
+    if CUDA:
+        yield
+        return
+    before = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if before is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = before
+
+
+import polyak  # noqa: E402
+from polyak import _kernels  # noqa: E402
+from tests.test_kernels import (  # noqa: E402
+    DTYPE_PAIRS,
+    assert_close_after_1000_updates,
+    make,
+    update_ulp,
+)
+
+
+def on_device(tensors):
+    """The tensors on the test device (the same objects on the CPU)."""
+    return [t.to(DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize(("src", "dst"), [*DTYPE_PAIRS, (torch.float16, torch.float16)])
+@pytest.mark.parametrize("weight", [0.0, 1e-4, 0.1, 0.5, 0.9, 1.0])
+def test_triton_equals_reference_within_one_ulp(src, dst, weight):
+    sources, shadows = make(src, dst)
+    ref_shadows = [s.clone() for s in shadows]
+    bounds = [update_ulp(s, p).double() for s, p in zip(shadows, sources, strict=True)]
+    got = on_device(shadows)
+    _kernels.build("triton", got, on_device(sources)).lerp_(weight)
+    _kernels.build("reference", ref_shadows, sources).lerp_(weight)
+    for g, want, bound in zip(got, ref_shadows, bounds, strict=True):
+        assert ((g.cpu().double() - want.double()).abs() <= bound).all()
+
+
+def test_triton_takes_a_device_weight():
+    sources, shadows = make(torch.bfloat16, torch.float32, seed=7)
+    got, want = on_device(shadows), [s.clone() for s in shadows]
+    update = _kernels.build("triton", got, on_device(sources))
+    ref = _kernels.build("reference", want, sources)
+    for value in [0.3, 0.7]:
+        bounds = [update_ulp(w, p) for w, p in zip(want, sources, strict=True)]
+        update.lerp_(torch.tensor(value, dtype=torch.float64, device=DEVICE))
+        ref.lerp_(value)
+        for g, w, bound in zip(got, want, bounds, strict=True):
+            assert ((g.cpu() - w).abs() <= bound).all(), value
+            g.copy_(w)  # the 1-ulp check is per single update
+
+
+def test_triton_stays_within_1e6_over_1000_updates():
+    sources, shadows = make(torch.bfloat16, torch.float32, seed=1)
+    ref_shadows = [s.clone() for s in shadows]
+    if CUDA:
+        pytest.skip("the helper redraws CPU sources in place; covered by the single-update test")
+    fast = _kernels.build("triton", shadows, sources)
+    ref = _kernels.build("reference", ref_shadows, sources)
+    assert_close_after_1000_updates(fast, ref, sources, shadows, ref_shadows, seed=2)
+
+
+def test_one_launch_per_group(monkeypatch):
+    from polyak._kernels import _triton
+
+    launches = []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return lambda *args, **kwargs: None
+
+    shadows = on_device([torch.zeros(5000), torch.zeros(3), torch.zeros(10, dtype=torch.float64)])
+    sources = on_device([torch.ones(5000), torch.ones(3), torch.ones(10, dtype=torch.float64)])
+    update = _kernels.build("triton", shadows, sources)
+    monkeypatch.setattr(_triton, "_lerp_kernel", Counting())
+    update.lerp_(0.5)
+    # two groups (fp32, fp64); the fp32 one covers 5000 + 3 elements in 3 + 1 blocks of 2048
+    assert launches == [(4,), (1,)]
+
+
+def test_stochastic_rounding_draws_the_same_bits_as_the_reference():
+    gen = torch.Generator().manual_seed(2)
+    src = [torch.randn(5000, generator=gen), torch.randn(37, 3, generator=gen)]
+    a = [s.bfloat16() for s in src]
+    b = [t.clone() for t in a]
+    targets = [s + 1e-3 for s in src]
+    got = on_device(a)
+    fast = _kernels.build("triton", got, on_device(targets), rounding="stochastic", seed=9)
+    ref = _kernels.build("reference", b, targets, rounding="stochastic", seed=9)
+    for weight in [0.01, 0.5, 0.9]:
+        fast.lerp_(weight)
+        ref.lerp_(weight)
+    # identical random bits; the fp32 lerp may differ by an ulp before rounding in rare cases
+    mismatched = sum((g.cpu() != w).sum().item() for g, w in zip(got, b, strict=True))
+    assert mismatched <= 0.001 * sum(t.numel() for t in b)
+
+
+def test_stochastic_rounding_is_unbiased_and_deterministic():
+    n = 1 << 20
+    start = torch.full((n,), 1.0, dtype=torch.bfloat16, device=DEVICE)
+    target = torch.full((n,), 1.0 + 2**-8, dtype=torch.float32, device=DEVICE)
+    torch.manual_seed(0)
+    rng = torch.get_rng_state()
+    runs = []
+    for seed in [11, 11, 12]:
+        shadows = [start.clone()]
+        _kernels.build("triton", shadows, [target], rounding="stochastic", seed=seed).lerp_(0.5)
+        runs.append(shadows[0].cpu().float())
+    values = runs[0]
+    assert set(values.unique().tolist()) == {1.0, 1.0 + 2**-7}
+    p_up = (values > 1).double().mean().item()
+    assert abs(p_up - 0.25) < 5 * (0.25 * 0.75 / n) ** 0.5  # P(up) = (2**-9) / (2**-7)
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.filterwarnings(
+    "ignore:invalid value encountered:RuntimeWarning"
+)  # numpy, on inf - inf
+def test_special_values_match_the_reference():
+    """NaN stays NaN and infinities stay infinite (or turn NaN exactly where torch.lerp does)."""
+    inf, nan = float("inf"), float("nan")
+    shadow = torch.tensor([nan, inf, -inf, 0.0, -0.0, 3.0e38, 1.0, 1.0])
+    source = torch.tensor([1.0, inf, 2.0, -0.0, -0.0, 3.0e38, nan, -inf])
+    for rounding, dtype in [("nearest", torch.float32), ("stochastic", torch.bfloat16)]:
+        # clones: .to() and on_device() may return the very same tensor
+        got, want = on_device([shadow.to(dtype).clone()]), [shadow.to(dtype).clone()]
+        _kernels.build("triton", got, on_device([source]), rounding=rounding).lerp_(0.25)
+        _kernels.build("reference", want, [source], rounding=rounding).lerp_(0.25)
+        torch.testing.assert_close(got[0].cpu(), want[0], rtol=0, atol=0, equal_nan=True)
+        assert got[0][5].item() == want[0][5].item() > 1e38
+        assert got[0][0].isnan() and got[0][-1].item() == -inf
+
+
+def test_tables_follow_storage_that_moved():
+    model = nn.Linear(8, 4).to(DEVICE)
+    start = model.weight.detach().cpu().clone()
+    ema = polyak.EMA(model, decay=0.5, kernel="triton")
+    with torch.no_grad():
+        model.weight.data = torch.full_like(model.weight, 2.0)  # new storage, same Parameter
+    ema.update()  # reads the new storage through the rebuilt table, not the freed one
+    torch.testing.assert_close(ema.state_dict()["shadows"]["weight"].cpu(), (start + 2.0) / 2)
+    with torch.no_grad():
+        model.weight.data = model.weight.data.double()
+    with pytest.raises(RuntimeError, match="changed since the EMA was built"):
+        ema.update()
+
+
+def test_ema_with_triton_equals_reference():
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
+
+    a, b = model().to(DEVICE), model()
+    ema_a = polyak.EMA(a, decay=0.9, kernel="triton")
+    ema_b = polyak.EMA(b, decay=0.9, kernel="reference")
+    assert ema_a.kernel == "triton" and "kernel='triton'" in repr(ema_a)
+    x = torch.randn(5, 3, 4, 4)
+    for _ in range(3):
+        for net, ema, inp in [(a, ema_a, x.to(DEVICE)), (b, ema_b, x)]:
+            net(inp).sum().backward()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+            ema.update()
+    want = ema_b.state_dict()["shadows"]
+    for name, got in ema_a.state_dict()["shadows"].items():
+        torch.testing.assert_close(got.cpu(), want[name], rtol=1e-6, atol=1e-6)
+
+
+def test_clear_errors():
+    with pytest.raises(ValueError, match="dense and laid out like its shadow"):
+        _kernels.build("triton", [torch.zeros(3, 4)], [torch.zeros(4, 3).t()])
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        if not CUDA:
+            with pytest.raises(ValueError, match="runs on CUDA tensors.*TRITON_INTERPRET"):
+                polyak.EMA(nn.Linear(2, 2), kernel="triton")
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_triton_update_captures_in_a_cuda_graph():
+    model = nn.Linear(256, 256).cuda()
+    ema = polyak.EMA(model, decay=0.99, kernel="triton", capturable=True)
+    ref = polyak.EMA(model, decay=0.99, kernel="reference")
+    ema.update()  # warm up (compile) outside the capture
+    ref.update()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ema.update()
+    for _ in range(100):
+        with torch.no_grad():
+            model.weight.add_(0.01)
+        graph.replay()
+        ref.update()
+    torch.cuda.synchronize()
+    assert ema.step == ref.step == 101
+    want = ref.state_dict()["shadows"]["weight"]
+    torch.testing.assert_close(ema.state_dict()["shadows"]["weight"], want, rtol=1e-6, atol=1e-6)
