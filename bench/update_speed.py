@@ -74,7 +74,7 @@ SCHEMA_VERSION = 1
 DECAY = 0.999
 PEER_PACKAGES = ("torch-ema", "ema-pytorch", "timm")
 RAW = "raw_foreach_lerp"
-POLYAK_KERNELS = ("reference", "foreach", "fused")
+POLYAK_KERNELS = ("reference", "foreach", "fused", "triton")
 
 # ---------------------------------------------------------------- models
 
@@ -659,8 +659,15 @@ def _fused_here(wl: Workload) -> bool:
     return policy == "all" or (policy == "bf16" and wl.param_dtype == torch.bfloat16)
 
 
+def _triton_here(wl: Workload) -> bool:
+    """The hand-written Triton kernel runs on CUDA only (the CPU interpreter is for tests)."""
+    import importlib.util
+
+    return wl.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
 def _kernel_applies(kernel: str) -> Callable[[Workload], bool]:
-    return _fused_here if kernel == "fused" else _any
+    return {"fused": _fused_here, "triton": _triton_here}.get(kernel, _any)
 
 
 SPECS: list[Spec] = [
@@ -671,6 +678,12 @@ SPECS: list[Spec] = [
         "fused+SR",
         make_polyak("fused", "fused+SR", rounding="stochastic"),
         lambda wl: _bf16_shadows(wl) and _fused_here(wl),
+    ),
+    Spec(
+        "polyak",
+        "triton+SR",
+        make_polyak("triton", "triton+SR", rounding="stochastic"),
+        lambda wl: _bf16_shadows(wl) and _triton_here(wl),
     ),
     Spec(RAW, "foreach", make_raw),
     Spec("torch_ema", "loop", make_torch_ema),
@@ -684,8 +697,8 @@ SPECS: list[Spec] = [
 
 # the training step also runs polyak's update on a side CUDA stream (overlapping the next forward)
 TRAIN_EXTRA_SPECS: list[Spec] = [
-    Spec("polyak", f"{k}+side", make_polyak(k, f"{k}+side", stream="side"))
-    for k in ("foreach", "fused")
+    Spec("polyak", f"{k}+side", make_polyak(k, f"{k}+side", stream="side"), _kernel_applies(k))
+    for k in ("foreach", "fused", "triton")
 ]
 
 

@@ -17,6 +17,16 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (runs on the GPU machine)")
 
 
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
+# the GPU kernels; the hand-written Triton one where triton is installed
+GPU_KERNELS = ["foreach", "fused"] + (["triton"] if _triton_installed() else [])
+
+
 def net(seed=0, dtype=torch.float32, device="cpu"):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
@@ -165,7 +175,7 @@ def test_side_stream_needs_cuda():
 
 
 @needs_cuda
-@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_update_never_syncs(kernel, dtype):
     model = net(dtype=dtype, device="cuda")
@@ -181,7 +191,24 @@ def test_gpu_update_never_syncs(kernel, dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("kernel", ["reference", "foreach", "fused"])
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+def test_gpu_update_allocates_no_temporaries(kernel):
+    """bf16 weights, fp32 shadows: peak memory during an update stays within a few KiB."""
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(4)]).cuda().bfloat16()
+    ema = polyak.EMA(model, decay=0.999, kernel=kernel)
+    ema.update()  # compile / plan outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    ema.update()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    # a naive upcast would allocate an fp32 copy of every weight: 16 MiB here
+    assert extra <= 64 * 1024, f"{kernel} allocated {extra} bytes during one update"
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", ["reference", *GPU_KERNELS])
 def test_gpu_kernels_match_cpu_reference(kernel):
     cpu, gpu = net(), net(device="cuda")
     a = polyak.EMA(cpu, decay=0.9, kernel="reference")
@@ -218,7 +245,7 @@ def test_offload_from_cuda_equals_inline():
 
 
 @needs_cuda
-@pytest.mark.parametrize("kernel", ["foreach", "fused"])
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_cuda_graph_captured_training_step_equals_eager(kernel):
     """Capture forward, backward, optimizer step and EMA update; replay 100 times; compare."""
 

@@ -104,6 +104,25 @@ def test_one_launch_per_group(monkeypatch):
     assert launches == [(4,), (1,)]
 
 
+def test_update_allocates_nothing():
+    from tests.test_kernels import allocated_bytes
+
+    sources = on_device([torch.randn(4096).bfloat16() for _ in range(3)])
+    for rounding, dtype in [("nearest", torch.float32), ("stochastic", torch.bfloat16)]:
+        shadows = [s.to(dtype).clone() for s in sources]
+        update = _kernels.build("triton", shadows, sources, rounding=rounding)
+        update.lerp_(0.1)  # compile / plan
+        if CUDA:
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            update.lerp_(0.2)
+            torch.cuda.synchronize()
+            assert torch.cuda.max_memory_allocated() - before <= 1024
+        else:  # torch-side allocations only (the interpreter works in numpy; it boxes a scalar)
+            assert allocated_bytes(lambda u=update: u.lerp_(0.2)) <= 64, rounding
+
+
 def test_stochastic_rounding_draws_the_same_bits_as_the_reference():
     gen = torch.Generator().manual_seed(2)
     src = [torch.randn(5000, generator=gen), torch.randn(37, 3, generator=gen)]
