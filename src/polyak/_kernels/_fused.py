@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 
 from polyak._kernels._base import group_by_device_and_dtype, segment_offsets
-from polyak._kernels._stochastic import stochastic_lerp_
+from polyak._kernels._stochastic import keyed_stochastic_lerp_, stream_key
 
 
 def lerp_group(
@@ -30,19 +30,31 @@ def lerp_group(
         shadow.lerp_(source.to(shadow.dtype), weight.to(shadow.dtype))
 
 
+def advance_key(seed: torch.Tensor, counter: torch.Tensor, key: torch.Tensor) -> None:
+    """``counter += 1; key = stream_key(seed, counter)``, in place: the next update's key.
+
+    A kernel of its own, so the big update loops load one int32 instead of hashing (seed,
+    counter) again on every iteration.
+    """
+    counter.add_(1)
+    key.copy_(stream_key(seed, counter))
+
+
 def stochastic_lerp_group(
     shadows: list[torch.Tensor],
     sources: list[torch.Tensor],
     weight: torch.Tensor,
-    seed: torch.Tensor,
-    counter: torch.Tensor,
+    key: torch.Tensor,
     offsets: list[int],
 ) -> None:
-    """bf16 shadows: the lerp in fp32, stochastically rounded (see :mod:`._stochastic`)."""
+    """bf16 shadows: the lerp in fp32, stochastically rounded (see :mod:`._stochastic`).
+
+    The same stream as ``stochastic_lerp_`` per tensor, with the update's ``key`` precomputed.
+    """
     for shadow, source, offset in zip(shadows, sources, offsets, strict=True):
         if shadow.dim() == 0:  # as in lerp_group
             shadow, source = shadow.view(1), source.view(1)
-        stochastic_lerp_(shadow, source, weight, seed, counter, offset)
+        keyed_stochastic_lerp_(shadow, source, weight, key, offset)
 
 
 def copy_group(shadows: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
@@ -87,11 +99,13 @@ class FusedUpdate:
                     )
             self.seeds = {d: torch.tensor(seed, dtype=torch.int64, device=d) for d in devices}
             self.counters = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices}
+            self.keys = {d: torch.zeros((), dtype=torch.int32, device=d) for d in devices}
             # element offsets in the concatenation of *all* shadows, as the reference path uses,
             # so every tensor draws its own stretch of the random stream
             start = {id(s): o for s, o in zip(shadows, segment_offsets(shadows), strict=True)}
             self.offsets = [[start[id(s)] for s in group] for _, (group, _) in self.groups]
             self._sr = _compile(stochastic_lerp_group)
+            self._advance = _compile(advance_key)
         self._lerp = _compile(lerp_group)
         self._copy = copy_group
 
@@ -102,15 +116,8 @@ class FusedUpdate:
         for index, ((device, _, _), (shadows, sources)) in enumerate(self.groups):
             w = weight if isinstance(weight, torch.Tensor) else self.weights[device]
             if self.stochastic:
-                self.counters[device].add_(1)
-                self._sr(
-                    shadows,
-                    sources,
-                    w,
-                    self.seeds[device],
-                    self.counters[device],
-                    self.offsets[index],
-                )
+                self._advance(self.seeds[device], self.counters[device], self.keys[device])
+                self._sr(shadows, sources, w, self.keys[device], self.offsets[index])
             else:
                 self._lerp(shadows, sources, w)
 

@@ -7,6 +7,23 @@ rounded value exact in expectation (:math:`E[\\mathrm{sr}(x)] = x`), so tiny upd
 The random bits come from a stateless hash of (seed, update counter, element index): no generator
 object, no global RNG touched, the same bits on every device and under ``torch.compile``, and a
 fixed seed reproduces a run exactly.
+
+The stream, in 32-bit unsigned arithmetic (``>>`` logical, products mod 2**32)::
+
+    mix(h)  = lowbias32: h ^= h >> 16; h *= 0x7FEB352D; h ^= h >> 15; h *= 0x846CA68B; h ^= h >> 16
+    key     = mix(mix(seed) + counter * 0x9E3779B9)           # once per update, a scalar
+    h       = (offset + i + key) * 0x7FEB352D                 # element i of a tensor at `offset`
+    h       = (h ^ (h >> 16)) * 0x846CA68B
+    bits16  = h >> 16                                         # the top 16 bits, in [0, 65536)
+
+Why the per-element part may be this cheap: ``key`` is a full hash of (seed, counter), so for a
+fixed element the words ``offset + i + key`` of successive updates are uniform and independent of
+one another; the rest is a bijection of 32-bit words (odd multiplies, an xorshift), which keeps
+them uniform, so each update's 16 bits are uniform and independent of the element's past. The
+element mix only has to decorrelate neighbouring elements within one update.
+
+The rounding is computed with float operations only (see :func:`round_to_bf16`): the CPU compiler
+vectorises them, while a float -> int32 bit reinterpretation goes through a scalar loop there.
 """
 
 from __future__ import annotations
@@ -18,6 +35,10 @@ import torch
 _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)
 _GOLDEN = 0x9E3779B9 - (1 << 32)
+
+# bounds of the fp32 range where round_to_bf16 is exact (see there)
+_SMALLEST_NORMAL = 2.0**-126
+_SPLIT_MAX = 2.0**104
 
 
 def _shr(h: torch.Tensor, k: int) -> torch.Tensor:
@@ -32,30 +53,69 @@ def _mix(h: torch.Tensor) -> torch.Tensor:
     return h ^ _shr(h, 16)
 
 
-def random_bits16(
-    numel: int, seed: torch.Tensor, counter: torch.Tensor, offset: int, device: torch.device
-) -> torch.Tensor:
+def _int32(n: int) -> int:
+    """``n mod 2**32`` as a signed int32 value."""
+    return ((n + (1 << 31)) % (1 << 32)) - (1 << 31)
+
+
+def stream_key(seed: torch.Tensor, counter: torch.Tensor) -> torch.Tensor:
+    """The per-update key ``mix(mix(seed) + counter * φ)`` (0-dim int32), φ = 0x9E3779B9."""
+    return _mix(_mix(seed.to(torch.int32)) + counter.to(torch.int32) * _GOLDEN)
+
+
+def random_bits16(numel: int, key: torch.Tensor, offset: int, device: torch.device) -> torch.Tensor:
     """16 uniform random bits per element (int32 in [0, 65536)) for elements offset..offset+numel.
 
-    ``mix(mix(mix(seed) + counter * φ) + index)``, upper 16 bits: a different stream for every
-    (seed, update) pair, hashed per element in 32-bit integer arithmetic.
+    ``h = (offset + i + key) * M1; h = (h ^ h >> 16) * M2; bits = h >> 16`` (see the module
+    docstring). ``i * M1`` does not depend on the tensor, so the compiler shares it between the
+    tensors it fuses into one loop, and ``(key + offset) * M1`` is a scalar.
     """
-    key = _mix(_mix(seed.to(torch.int32)) + counter.to(torch.int32) * _GOLDEN)
-    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    return _shr(_mix(index.to(torch.int32) + key), 16)
+    index = torch.arange(numel, dtype=torch.int32, device=device)
+    h = index * _M1 + (key + _int32(offset)) * _M1
+    h = (h ^ _shr(h, 16)) * _M2
+    return _shr(h, 16)
 
 
 def round_to_bf16(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
     """bf16 of the fp32 ``x``, rounded up in magnitude with probability = the dropped fraction.
 
-    bf16 keeps the top 16 bits of an fp32 pattern; adding 16 uniform bits below them and truncating
-    rounds the magnitude up exactly when the noise carries, i.e. with probability ``low16 / 2**16``.
+    ``sr(x) = floor(x / g + bits16 * 2**-16) * g`` with ``g`` the bf16 spacing (ulp) of ``|x|``'s
+    binade: ``x / g`` has at most 16 fractional bits, so adding ``u = bits16 / 2**16`` (uniform on
+    the same grid) and flooring is exact, and ``E[floor(q + u)] = q``. For ``x < 0`` the floor
+    rounds towards ``-inf``, which is up in magnitude when ``u < frac``: again with probability
+    ``frac``. As bits: for finite ``|x| < 2**105`` this equals ``trunc16(bits(x) + b)`` (add to the
+    fp32 pattern, clear its low 16 bits) with ``b = bits16`` for ``x >= 0`` and
+    ``b = bits16 ^ 0xFFFF`` for ``x < 0``, except that a zero result is always +0.
+
+    ``g`` without bit access: ``a = clamp(|x|, 2**-126, 2**104)``; Veltkamp's split
+    ``s = y * 2**23 + y; p = s - (s - y)`` rounds ``y = 1.5 * a`` to one significant bit, i.e.
+    ``p = 2 * 2**floor(log2(a))`` (ties go to that even result), and ``g = p * 2**-8``. Below
+    2**-126 the spacing is that of the smallest normal binade, hence the lower clamp; the upper one
+    keeps ``s`` finite. The ``s = y * 2**23 + y`` form stays exact if a compiler contracts it into
+    an FMA. NaN stays NaN and ±inf stays ±inf (``inf / g + u`` floors to inf). Magnitudes of
+    ``2**105`` (4e31) and above still round to one of their two bf16 neighbours, but not exactly
+    with the right probability.
     """
-    raw = x.view(torch.int32)
-    rounded = (raw + bits16) & -65536  # clear the low 16 bits (0xFFFF0000 as int32)
-    # NaN/inf must not be perturbed into other values
-    rounded = torch.where(torch.isfinite(x), rounded, raw)
-    return rounded.view(torch.float32).to(torch.bfloat16)
+    a = x.abs()
+    a = torch.where(a > _SMALLEST_NORMAL, a, _SMALLEST_NORMAL)
+    a = torch.where(a < _SPLIT_MAX, a, _SPLIT_MAX)
+    y = a * 1.5
+    s = y * 8388608.0 + y
+    g = (s - (s - y)) * 2.0**-8
+    return (torch.floor(x / g + bits16.float() * 2.0**-16) * g).to(torch.bfloat16)
+
+
+def keyed_stochastic_lerp_(
+    shadow: torch.Tensor,
+    source: torch.Tensor,
+    weight: torch.Tensor,
+    key: torch.Tensor,
+    offset: int,
+) -> None:
+    """``shadow = sr(lerp(shadow, source, weight))`` in fp32, with this update's ``key``."""
+    value = torch.lerp(shadow.float(), source.float(), weight.float())
+    bits = random_bits16(shadow.numel(), key, offset, shadow.device).view(shadow.shape)
+    shadow.copy_(round_to_bf16(value, bits))
 
 
 def stochastic_lerp_(
@@ -67,7 +127,4 @@ def stochastic_lerp_(
     offset: int,
 ) -> None:
     """``shadow = sr(shadow + weight * (source - shadow))`` computed in fp32, rounded stochastically."""
-    start = shadow.float()
-    value = torch.lerp(start, source.float(), weight.float())
-    bits = random_bits16(shadow.numel(), seed, counter, offset, shadow.device).view(shadow.shape)
-    shadow.copy_(round_to_bf16(value.contiguous(), bits))
+    keyed_stochastic_lerp_(shadow, source, weight, stream_key(seed, counter), offset)
