@@ -113,10 +113,12 @@ class FusedUpdate:
         if not isinstance(weight, torch.Tensor):
             for w in self.weights.values():
                 w.fill_(weight)
+        if self.stochastic:  # one key per update and device, shared by all its groups
+            for device, key in self.keys.items():
+                self._advance(self.seeds[device], self.counters[device], key)
         for index, ((device, _, _), (shadows, sources)) in enumerate(self.groups):
             w = weight if isinstance(weight, torch.Tensor) else self.weights[device]
             if self.stochastic:
-                self._advance(self.seeds[device], self.counters[device], self.keys[device])
                 self._sr(shadows, sources, w, self.keys[device], self.offsets[index])
             else:
                 self._lerp(shadows, sources, w)

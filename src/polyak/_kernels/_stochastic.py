@@ -22,7 +22,8 @@ one another; the rest is a bijection of 32-bit words (odd multiplies, an xorshif
 them uniform, so each update's 16 bits are uniform and independent of the element's past. The
 element mix only has to decorrelate neighbouring elements within one update.
 
-The rounding is computed with float operations only (see :func:`round_to_bf16`): the CPU compiler
+The rounding adds the 16 bits below the kept half of the fp32 pattern (:func:`round_to_bf16_bits`);
+on the CPU it is computed with float operations only (:func:`round_to_bf16_float`): the CPU compiler
 vectorises them, while a float -> int32 bit reinterpretation goes through a scalar loop there.
 """
 
@@ -36,8 +37,8 @@ _M1 = 0x7FEB352D
 _M2 = 0x846CA68B - (1 << 32)
 _GOLDEN = 0x9E3779B9 - (1 << 32)
 
-# bounds of the fp32 range where round_to_bf16 is exact (see there)
-_SMALLEST_NORMAL = 2.0**-126
+# bounds of the fp32 range where round_to_bf16_float equals round_to_bf16_bits (see there)
+_SMALLEST_SPLIT = 2.0**-118
 _SPLIT_MAX = 2.0**104
 
 
@@ -79,25 +80,52 @@ def random_bits16(numel: int, key: torch.Tensor, offset: int, device: torch.devi
 def round_to_bf16(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
     """bf16 of the fp32 ``x``, rounded up in magnitude with probability = the dropped fraction.
 
+    Defined in integer arithmetic on the fp32 pattern (:func:`round_to_bf16_bits`); on the CPU
+    computed with float operations that give the same result (:func:`round_to_bf16_float`),
+    because inductor's CPU code reinterprets float bits through a slow scalar loop.
+    """
+    if x.device.type == "cpu":
+        return round_to_bf16_float(x, bits16)
+    return round_to_bf16_bits(x, bits16)
+
+
+def round_to_bf16_bits(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
+    """``trunc16(bits(x) + b)``: add to the fp32 pattern, clear its low 16 bits.
+
+    ``b = bits16`` for ``x >= 0`` and ``b = bits16 ^ 0xFFFF`` for ``x < 0``: the magnitude rounds
+    up exactly when the low half carries, with probability ``low16 / 2**16`` (for ``x < 0`` when
+    ``bits16 < low16``). NaN and ±inf are left as they are. The Triton kernel computes this form.
+    """
+    raw = x.view(torch.int32)
+    b = torch.where(raw < 0, bits16 ^ 0xFFFF, bits16)
+    rounded = (raw + b) & -65536  # clear the low 16 bits (0xFFFF0000 as int32)
+    rounded = torch.where(torch.isfinite(x), rounded, raw)
+    return rounded.view(torch.float32).to(torch.bfloat16)
+
+
+def round_to_bf16_float(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
+    """:func:`round_to_bf16_bits` with float operations only (vectorised by the CPU compiler).
+
     ``sr(x) = floor(x / g + bits16 * 2**-16) * g`` with ``g`` the bf16 spacing (ulp) of ``|x|``'s
     binade: ``x / g`` has at most 16 fractional bits, so adding ``u = bits16 / 2**16`` (uniform on
     the same grid) and flooring is exact, and ``E[floor(q + u)] = q``. For ``x < 0`` the floor
     rounds towards ``-inf``, which is up in magnitude when ``u < frac``: again with probability
-    ``frac``. As bits: for finite ``|x| < 2**105`` this equals ``trunc16(bits(x) + b)`` (add to the
-    fp32 pattern, clear its low 16 bits) with ``b = bits16`` for ``x >= 0`` and
-    ``b = bits16 ^ 0xFFFF`` for ``x < 0``, except that a zero result is always +0.
+    ``frac``. For finite ``2**-118 <= |x| < 2**105`` this is bit for bit
+    :func:`round_to_bf16_bits`, except that a zero result is always +0.
 
-    ``g`` without bit access: ``a = clamp(|x|, 2**-126, 2**104)``; Veltkamp's split
+    ``g`` without bit access: ``a = clamp(|x|, 2**-118, 2**104)``; Veltkamp's split
     ``s = y * 2**23 + y; p = s - (s - y)`` rounds ``y = 1.5 * a`` to one significant bit, i.e.
-    ``p = 2 * 2**floor(log2(a))`` (ties go to that even result), and ``g = p * 2**-8``. Below
-    2**-126 the spacing is that of the smallest normal binade, hence the lower clamp; the upper one
-    keeps ``s`` finite. The ``s = y * 2**23 + y`` form stays exact if a compiler contracts it into
-    an FMA. NaN stays NaN and ±inf stays ±inf (``inf / g + u`` floors to inf). Magnitudes of
-    ``2**105`` (4e31) and above still round to one of their two bf16 neighbours, but not exactly
-    with the right probability.
+    ``p = 2 * 2**floor(log2(a))`` (ties go to that even result), and ``g = p * 2**-8``. The lower
+    clamp keeps ``g >= 2**-125`` a normal number, so flushing subnormals to zero
+    (``torch.set_flush_denormal(True)``) can never make ``g`` zero and a zero shadow NaN; below
+    ``2**-118`` (1e-36) values round on that coarser grid, still without bias up to one fp32
+    rounding. The upper clamp keeps ``s`` finite; from ``2**105`` (4e31) up a value still rounds to
+    one of its two bf16 neighbours, but not exactly with the right probability. The
+    ``s = y * 2**23 + y`` form stays exact if a compiler contracts it into an FMA. NaN stays NaN
+    and ±inf stays ±inf (``inf / g + u`` floors to inf).
     """
     a = x.abs()
-    a = torch.where(a > _SMALLEST_NORMAL, a, _SMALLEST_NORMAL)
+    a = torch.where(a > _SMALLEST_SPLIT, a, _SMALLEST_SPLIT)
     a = torch.where(a < _SPLIT_MAX, a, _SPLIT_MAX)
     y = a * 1.5
     s = y * 8388608.0 + y

@@ -55,7 +55,7 @@ def interpreting() -> bool:
 
 @triton.jit
 def _mix(h):
-    """lowbias32 on uint32: the element mix of :func:`polyak._kernels._stochastic._mix`."""
+    """lowbias32 on uint32, as :func:`polyak._kernels._stochastic._mix` (the per-update key)."""
     h = (h ^ (h >> 16)) * _M1
     h = (h ^ (h >> 15)) * _M2
     return h ^ (h >> 16)
@@ -112,13 +112,15 @@ def _lerp_kernel(
     diff = p - s
     value = tl.where(tl.abs(w) < 0.5, s + w * diff, p - diff * (1.0 - w))
 
-    if STOCHASTIC:
+    if STOCHASTIC:  # the stream and rounding of ._stochastic, in uint32
         seed = tl.load(seed_ptr).to(tl.uint32)
         counter = tl.load(counter_ptr).to(tl.uint32)
         key = _mix(_mix(seed) + counter * _GOLDEN)
-        index = (tl.load(stream_starts + tensor) + offsets).to(tl.uint32)
-        bits = _mix(index + key) >> 16
+        h = ((tl.load(stream_starts + tensor) + offsets).to(tl.uint32) + key) * _M1
+        h = (h ^ (h >> 16)) * _M2
+        bits = h >> 16
         raw = value.to(tl.uint32, bitcast=True)
+        bits = tl.where((raw >> 31) != 0, bits ^ 0xFFFF, bits)  # negative: round down w.p. 1-frac
         finite = (raw & 0x7F800000) != 0x7F800000
         rounded = tl.where(finite, (raw + bits) & 0xFFFF0000, raw)
         tl.store(shadow + offsets, rounded.to(tl.float32, bitcast=True).to(SHADOW), mask=mask)
