@@ -51,3 +51,13 @@ def group_by_device_and_dtype(
         groups[key][0].append(shadow)
         groups[key][1].append(source)
     return dict(groups)
+
+
+def require_bf16_shadows(shadows: Sequence[torch.Tensor]) -> None:
+    """Stochastic rounding rounds into bf16 only: refuse any other shadow dtype, clearly."""
+    for shadow in shadows:
+        if shadow.dtype != torch.bfloat16:
+            raise ValueError(
+                f"stochastic rounding needs bf16 shadows, got {shadow.dtype}; pass "
+                f"shadow_dtype=torch.bfloat16 with rounding='stochastic'."
+            )

@@ -16,7 +16,11 @@ from collections.abc import Callable
 
 import torch
 
-from polyak._kernels._base import group_by_device_and_dtype, segment_offsets
+from polyak._kernels._base import (
+    group_by_device_and_dtype,
+    require_bf16_shadows,
+    segment_offsets,
+)
 from polyak._kernels._stochastic import keyed_stochastic_lerp_, stream_key
 
 
@@ -91,12 +95,7 @@ class FusedUpdate:
         self.weights = {d: torch.zeros((), dtype=torch.float64, device=d) for d in devices}
         self.stochastic = stochastic
         if stochastic:
-            for (_, shadow_dtype, _), _ in self.groups:
-                if shadow_dtype != torch.bfloat16:
-                    raise ValueError(
-                        f"stochastic rounding needs bf16 shadows, got {shadow_dtype}; pass "
-                        f"shadow_dtype=torch.bfloat16 with rounding='stochastic'."
-                    )
+            require_bf16_shadows(shadows)
             self.seeds = {d: torch.tensor(seed, dtype=torch.int64, device=d) for d in devices}
             self.counters = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices}
             self.keys = {d: torch.zeros((), dtype=torch.int32, device=d) for d in devices}

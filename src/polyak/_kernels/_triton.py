@@ -31,7 +31,11 @@ import torch
 import triton
 import triton.language as tl
 
-from polyak._kernels._base import group_by_device_and_dtype, segment_offsets
+from polyak._kernels._base import (
+    group_by_device_and_dtype,
+    require_bf16_shadows,
+    segment_offsets,
+)
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps, four 128-bit fp32 loads
 
@@ -204,6 +208,8 @@ class TritonUpdate:
         seed: int = 0,
     ) -> None:
         check_applicable(shadows, sources)
+        if stochastic:
+            require_bf16_shadows(shadows)
         self.stochastic = stochastic
         start = {id(s): o for s, o in zip(shadows, segment_offsets(shadows), strict=True)}
         self.all_shadows, self.all_sources = shadows, sources
@@ -211,11 +217,6 @@ class TritonUpdate:
         for (_, shadow_dtype, _), (group_shadows, group_sources) in group_by_device_and_dtype(
             shadows, sources
         ).items():
-            if stochastic and shadow_dtype != torch.bfloat16:
-                raise ValueError(
-                    f"stochastic rounding needs bf16 shadows, got {shadow_dtype}; pass "
-                    f"shadow_dtype=torch.bfloat16 with rounding='stochastic'."
-                )
             if not shadow_dtype.is_floating_point:
                 continue  # copied, never averaged
             starts = [start[id(s)] for s in group_shadows]
