@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU checks of the performance issue, in parts that each fit one 10-minute device call.
+#
+#   bash bench/gpu_checks.sh tests     # GPU tests: CUDA-graph capture (100 replays vs eager), side
+#                                      # stream, offload, set_sync_debug_mode("error"), peak memory
+#                                      # per update, every kernel vs the CPU reference, Triton compiled
+#   bash bench/gpu_checks.sh large     # update_speed: the 1.31B transformer, bf16, bf16_native (+SR)
+#   bash bench/gpu_checks.sh small     # update_speed: ResNet-50 (+buffers), ViT-B/16, 2048 tiny tensors
+#   bash bench/gpu_checks.sh train     # update_speed: the ViT-B/16 training-step share (+ side stream)
+#   bash bench/gpu_checks.sh offload   # offload_cost.py with the PCIe copy
+#
+# Needs torch with CUDA, triton, pytest, hypothesis, numpy and safetensors (the GPU image has them).
+# The peers torch-ema and ema-pytorch (pure Python) travel in an ignored folder, made here with
+#     pip install --no-deps --target build/bench_peers torch-ema ema-pytorch timm
+# and carried to the device (carry ["build/bench_peers"]); timm's EMA file is loaded by path.
+# Results land in bench/results/ and, when $OUT is set (the device tool's output folder), are
+# copied there too, to be committed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="src:build/bench_peers${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+day=$(date -u +%F)
+part=${1:?usage: bash bench/gpu_checks.sh tests|large|small|train|offload}
+speed() { $PY bench/update_speed.py --device cuda "$@"; }
+
+case "$part" in
+    tests)
+        $PY -m pytest -q -p no:logging -p no:cacheprovider tests/test_ema_modes.py \
+            tests/test_kernels.py tests/test_triton.py tests/test_tf.py tests/test_ema.py \
+            2>&1 | tee "bench/results/gpu_tests_$day.log"
+        ;;
+    large) speed --workloads transformer bf16 bf16_native --out "bench/results/update_speed_cuda_${day}_large.json" ;;
+    small) speed --workloads resnet50 resnet50_buffers vit_b16 many_tiny --out "bench/results/update_speed_cuda_${day}_small.json" ;;
+    train) speed --workloads --train-step --out "bench/results/update_speed_cuda_${day}_train.json" ;;
+    offload) $PY bench/offload_cost.py --device cuda ;;
+    *) echo "unknown part '$part'; expected tests, large, small, train or offload" >&2; exit 2 ;;
+esac
+
+if [[ -n "${OUT:-}" ]]; then
+    find bench/results -type f \( -name "*cuda*$day*" -o -name "gpu_tests_$day.log" \) \
+        -exec cp {} "$OUT"/ \;
+fi
