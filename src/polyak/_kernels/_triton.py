@@ -82,6 +82,32 @@ def _round(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _block(
+    shadow, source, offsets, mask, w, key, stream_start, SHADOW, COMPUTE, STOCHASTIC: tl.constexpr
+):
+    """One block of one tensor: ``s = lerp(s, p, w)``, rounded into the shadow (``mask``: the tail)."""
+    s = tl.load(shadow + offsets, mask=mask).to(COMPUTE)
+    if STOCHASTIC:
+        p = tl.load(source + offsets, mask=mask).to(COMPUTE)
+    else:  # the reference casts the source to the shadow's dtype first
+        p = _round(tl.load(source + offsets, mask=mask), SHADOW).to(COMPUTE)
+    diff = p - s
+    value = tl.where(tl.abs(w) < 0.5, s + w * diff, p - diff * (1.0 - w))
+
+    if STOCHASTIC:  # the stream and rounding of ._stochastic, in uint32
+        h = ((stream_start + offsets).to(tl.uint32) + key) * _M1
+        h = (h ^ (h >> 16)) * _M2
+        bits = h >> 16
+        raw = value.to(tl.uint32, bitcast=True)
+        bits = tl.where((raw >> 31) != 0, bits ^ 0xFFFF, bits)  # negative: round down w.p. 1-frac
+        finite = (raw & 0x7F800000) != 0x7F800000
+        rounded = tl.where(finite, (raw + bits) & 0xFFFF0000, raw)
+        tl.store(shadow + offsets, rounded.to(tl.float32, bitcast=True).to(SHADOW), mask=mask)
+    else:
+        tl.store(shadow + offsets, _round(value, SHADOW), mask=mask)
+
+
+@triton.jit
 def _lerp_kernel(
     shadow_ptrs,
     source_ptrs,
@@ -96,40 +122,45 @@ def _lerp_kernel(
     SOURCE: tl.constexpr,
     COMPUTE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
+    start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
     numel = tl.load(numels + tensor)
     shadow = tl.load(shadow_ptrs + tensor).to(tl.pointer_type(SHADOW))
     source = tl.load(source_ptrs + tensor).to(tl.pointer_type(SOURCE))
+    if (
+        ALIGNED
+    ):  # every address of the group is 16-byte aligned (checked on the host): 128-bit access
+        shadow = tl.multiple_of(shadow, 16)
+        source = tl.multiple_of(source, 16)
     offsets = start + tl.arange(0, BLOCK).to(tl.int64)
-    mask = offsets < numel
 
     w = tl.load(weight_ptr).to(COMPUTE)
-    s = tl.load(shadow + offsets, mask=mask).to(COMPUTE)
+    key = 0  # (tl.zeros here fails in the interpreter once triton was imported without it)
+    stream_start = 0
     if STOCHASTIC:
-        p = tl.load(source + offsets, mask=mask).to(COMPUTE)
-    else:  # the reference casts the source to the shadow's dtype first
-        p = _round(tl.load(source + offsets, mask=mask), SHADOW).to(COMPUTE)
-    diff = p - s
-    value = tl.where(tl.abs(w) < 0.5, s + w * diff, p - diff * (1.0 - w))
-
-    if STOCHASTIC:  # the stream and rounding of ._stochastic, in uint32
-        seed = tl.load(seed_ptr).to(tl.uint32)
-        counter = tl.load(counter_ptr).to(tl.uint32)
-        key = _mix(_mix(seed) + counter * _GOLDEN)
-        h = ((tl.load(stream_starts + tensor) + offsets).to(tl.uint32) + key) * _M1
-        h = (h ^ (h >> 16)) * _M2
-        bits = h >> 16
-        raw = value.to(tl.uint32, bitcast=True)
-        bits = tl.where((raw >> 31) != 0, bits ^ 0xFFFF, bits)  # negative: round down w.p. 1-frac
-        finite = (raw & 0x7F800000) != 0x7F800000
-        rounded = tl.where(finite, (raw + bits) & 0xFFFF0000, raw)
-        tl.store(shadow + offsets, rounded.to(tl.float32, bitcast=True).to(SHADOW), mask=mask)
+        key = _mix(
+            _mix(tl.load(seed_ptr).to(tl.uint32)) + tl.load(counter_ptr).to(tl.uint32) * _GOLDEN
+        )
+        stream_start = tl.load(stream_starts + tensor)
+    if start + BLOCK <= numel:  # a whole block: no mask, so loads and stores can be vectorised
+        _block(shadow, source, offsets, None, w, key, stream_start, SHADOW, COMPUTE, STOCHASTIC)
     else:
-        tl.store(shadow + offsets, _round(value, SHADOW), mask=mask)
+        _block(
+            shadow,
+            source,
+            offsets,
+            offsets < numel,
+            w,
+            key,
+            stream_start,
+            SHADOW,
+            COMPUTE,
+            STOCHASTIC,
+        )
 
 
 def _addresses(tensors: list[torch.Tensor]) -> tuple[int, ...]:
@@ -193,6 +224,7 @@ class _Group:
                 )
         self.shadow_ptrs.copy_(torch.tensor(now[0], dtype=torch.int64))
         self.source_ptrs.copy_(torch.tensor(now[1], dtype=torch.int64))
+        self.aligned = all(address % 16 == 0 for address in now[0] + now[1])
         self.planned = now
 
 
@@ -252,6 +284,7 @@ class TritonUpdate:
                 SOURCE=_TL_DTYPES[group.source_dtype],
                 COMPUTE=group.compute,
                 STOCHASTIC=self.stochastic,
+                ALIGNED=group.aligned,
                 BLOCK=BLOCK,
             )
 
