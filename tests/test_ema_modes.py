@@ -224,10 +224,11 @@ def test_gpu_kernels_match_cpu_reference(kernel):
 
 
 @needs_cuda
-def test_side_stream_equals_inline():
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+def test_side_stream_equals_inline(kernel):
     m1, m2 = net(device="cuda"), net(device="cuda")
-    inline = polyak.EMA(m1, decay=0.9)
-    side = polyak.EMA(m2, decay=0.9, stream="side")
+    inline = polyak.EMA(m1, decay=0.9, kernel=kernel)
+    side = polyak.EMA(m2, decay=0.9, stream="side", kernel=kernel)
     run(m1, inline, 20)
     run(m2, side, 20)
     assert_same_averages(inline, side)

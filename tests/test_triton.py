@@ -235,6 +235,35 @@ def test_ema_with_triton_equals_reference():
         torch.testing.assert_close(got.cpu(), want[name], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("every", [1, 3])
+def test_capturable_triton_equals_eager_reference(every):
+    """Step counter and schedule on the device, the weight read by the kernel: same averages."""
+    from polyak import schedules
+
+    def model():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+
+    a, b = model().to(DEVICE), model()
+    decay = schedules.tf_warmup(0.95)
+    captured = polyak.EMA(a, decay=decay, update_every=every, kernel="triton", capturable=True)
+    eager = polyak.EMA(b, decay=decay, update_every=every, kernel="reference")
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(2))
+    for _ in range(7):
+        for net, ema, inp in [(a, captured, x.to(DEVICE)), (b, eager, x)]:
+            net(inp).square().mean().backward()
+            with torch.no_grad():
+                for p in net.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+            ema.update()
+    assert captured.step == 7 and captured.num_averages == 7 // every
+    want = eager.state_dict()["shadows"]
+    for name, got in captured.state_dict()["shadows"].items():
+        if got.is_floating_point():
+            torch.testing.assert_close(got.cpu(), want[name], rtol=1e-6, atol=1e-6)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="dense and laid out like its shadow"):
         _kernels.build("triton", [torch.zeros(3, 4)], [torch.zeros(4, 3).t()])
