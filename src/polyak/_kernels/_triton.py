@@ -131,9 +131,8 @@ def _lerp_kernel(
     numel = tl.load(numels + tensor)
     shadow = tl.load(shadow_ptrs + tensor).to(tl.pointer_type(SHADOW))
     source = tl.load(source_ptrs + tensor).to(tl.pointer_type(SOURCE))
-    if (
-        ALIGNED
-    ):  # every address of the group is 16-byte aligned (checked on the host): 128-bit access
+    # every address of the group is 16-byte aligned (checked on the host): 128-bit accesses
+    if ALIGNED:
         shadow = tl.multiple_of(shadow, 16)
         source = tl.multiple_of(source, 16)
     offsets = start + tl.arange(0, BLOCK).to(tl.int64)
@@ -183,7 +182,7 @@ class _Group:
     def __init__(
         self, shadows: list[torch.Tensor], sources: list[torch.Tensor], starts: list[int]
     ) -> None:
-        self.shadows, self.sources, self.starts = shadows, sources, starts
+        self.shadows, self.sources = shadows, sources
         self.device = shadows[0].device
         self.shadow_dtype, self.source_dtype = shadows[0].dtype, sources[0].dtype
         self.compute = tl.float64 if self.shadow_dtype == torch.float64 else tl.float32
