@@ -1,7 +1,7 @@
 """The hand-written Triton kernel against the reference path.
 
 On a machine without CUDA these run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here
-before the kernel module is imported); with CUDA they run the compiled kernel on the GPU.
+before the kernels are decorated); with CUDA they run the compiled kernel on the GPU.
 """
 
 from __future__ import annotations
@@ -25,8 +25,15 @@ def interpreter():
     if CUDA:
         yield
         return
+    import importlib
+    import sys
+
     before = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
+    # triton.jit picks compiled or interpreted at decoration: re-decorate if imported already
+    if "polyak._kernels._triton" in sys.modules:
+        importlib.reload(sys.modules["polyak._kernels._triton"])
+        sys.modules["polyak._kernels"].KERNELS["triton"] = None
     yield
     if before is None:
         del os.environ["TRITON_INTERPRET"]
