@@ -11,20 +11,14 @@ import torch
 from torch import nn
 
 import polyak
-from polyak import schedules
+from polyak import _kernels, schedules
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (runs on the GPU machine)")
 
 
-def _triton_installed() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("triton") is not None
-
-
 # the GPU kernels; the hand-written Triton one where triton is installed
-GPU_KERNELS = ["foreach", "fused"] + (["triton"] if _triton_installed() else [])
+GPU_KERNELS = ["foreach", "fused"] + (["triton"] if _kernels._has_triton() else [])
 
 
 def net(seed=0, dtype=torch.float32, device="cpu"):
