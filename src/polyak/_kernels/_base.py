@@ -61,3 +61,43 @@ def require_bf16_shadows(shadows: Sequence[torch.Tensor]) -> None:
                 f"stochastic rounding needs bf16 shadows, got {shadow.dtype}; pass "
                 f"shadow_dtype=torch.bfloat16 with rounding='stochastic'."
             )
+
+
+def addresses(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Each tensor's ``data_ptr()``: host-only, about 0.1 µs per tensor."""
+    return list(map(torch.Tensor.data_ptr, tensors))
+
+
+class Aliases:
+    """Plain-tensor aliases of the tracked tensors, taken again whenever one's storage moves.
+
+    A multi-tensor op parses every element of its lists, and an ``nn.Parameter`` (a ``Tensor``
+    subclass) costs about 0.45 µs more there than a plain tensor: 0.9 ms per update for a model of
+    2,048 parameters, 12% of its whole update on a CPU. ``param.detach()`` is a plain tensor on the
+    same storage, so the update reads exactly the same memory through it. It goes stale if the
+    user rebinds the parameter (``param.data = other``, ``param.set_(...)``), so :meth:`current`
+    compares every ``data_ptr()`` with the planned ones first (about 0.1 µs per tensor; the alias
+    keeps the old storage alive, so a new storage can never reuse its address) and takes the
+    aliases again if any moved. Lists of plain tensors are used as they are.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self.tensors = list(tensors)
+        self.plain = all(type(t) is torch.Tensor for t in self.tensors)
+        self.aliases = self.tensors if self.plain else [t.detach() for t in self.tensors]
+        self.planned = [] if self.plain else addresses(self.tensors)
+
+    def current(self) -> list[torch.Tensor]:
+        """Aliases of the tensors' current storage (checked, never stale)."""
+        if not self.plain and addresses(self.tensors) != self.planned:
+            fresh = [t.detach() for t in self.tensors]
+            for old, new in zip(self.aliases, fresh, strict=True):
+                if (new.shape, new.dtype, new.device) != (old.shape, old.dtype, old.device):
+                    raise RuntimeError(
+                        f"a tracked tensor changed since the EMA was built: it was {old.dtype} "
+                        f"{tuple(old.shape)} on {old.device} and is now {new.dtype} "
+                        f"{tuple(new.shape)} on {new.device}. Call ema.to(device) after moving "
+                        f"the model; build the EMA after changing shapes or dtypes."
+                    )
+            self.aliases, self.planned = fresh, addresses(self.tensors)
+        return self.aliases
