@@ -120,27 +120,16 @@ def test_foreach_update_allocates_nothing_per_step():
     assert pointers == [t.data_ptr() for t in [*update.scratch, *shadows]]
 
 
-@pytest.mark.parametrize("kernel", ["foreach", "fused"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_parameters_reach_the_multi_tensor_ops_as_plain_aliases(monkeypatch, kernel, dtype):
-    """nn.Parameters cost ~0.45 µs each to parse in a foreach op: the kernels pass plain aliases."""
-    params = [nn.Parameter(torch.randn(4, 3).to(dtype)) for _ in range(3)]
-    shadows = [p.detach().float() for p in params]
-    seen: list[type] = []
-    for name in ["_foreach_lerp_", "_foreach_copy_"]:
-        op = getattr(torch, name)
-        spy = lambda *args, op=op, **kw: seen.extend(map(type, args[1])) or op(*args, **kw)  # noqa: E731
-        monkeypatch.setattr(torch, name, spy)
-    update = _kernels.build(kernel, shadows, params)
-    update.lerp_(0.5)
-    update.copy_()
-    assert seen and set(seen) == {torch.Tensor}, seen  # the spies ran, and saw no Parameter
-
-
 @pytest.mark.parametrize("kernel", ["reference", "foreach", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rebinding_param_data_is_followed(kernel, dtype):
-    """``param.data = other`` moves the storage under the planned aliases: the next update sees it."""
+    """``param.data = other`` / ``set_()`` move the storage of a planned source: the update sees it.
+
+    (Caching detached aliases of the parameters would skip the ~0.4 µs per tensor that a foreach
+    op spends parsing an nn.Parameter, but a correct alias needs a data_ptr() check per tensor per
+    update, which cost as much once the update has streamed the caches out: measured 2,048 tensors,
+    1.14-1.22x raw either way. So the kernels read the live tensors.)
+    """
     params = [nn.Parameter(torch.zeros(4, 3, dtype=dtype)) for _ in range(2)]
     shadows = [torch.zeros(4, 3) for _ in params]
     update = _kernels.build(kernel, shadows, params)
@@ -154,10 +143,6 @@ def test_rebinding_param_data_is_followed(kernel, dtype):
     params[1].data = torch.full((4, 3), 6.0, dtype=dtype)
     update.copy_()
     assert torch.equal(shadows[1], torch.full((4, 3), 6.0))
-    if kernel != "reference":  # the reference path broadcasts like Tensor.lerp_ does
-        params[0].data = torch.zeros(3, 4, dtype=dtype)
-        with pytest.raises(RuntimeError, match=r"changed since the EMA was built.*\(4, 3\)"):
-            update.lerp_(0.5)
 
 
 def test_choose():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from polyak._kernels._base import Aliases, group_by_device_and_dtype
+from polyak._kernels._base import group_by_device_and_dtype
 
 # Upper bound on the scratch buffer that upcasts low-precision sources, or the largest single tensor
 # if that is bigger. On a CPU a chunk must stay in cache between the upcast and the lerp (4 MiB of
@@ -22,7 +22,7 @@ class _Chunk:
     def __init__(
         self, shadows: list[torch.Tensor], sources: list[torch.Tensor], views: list[torch.Tensor]
     ) -> None:
-        self.shadows, self.sources, self.views = shadows, Aliases(sources), views
+        self.shadows, self.sources, self.views = shadows, sources, views
 
 
 class ForeachUpdate:
@@ -47,7 +47,7 @@ class ForeachUpdate:
                 "kernel='fused' (or 'auto') with rounding='stochastic'."
             )
         self.weights: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        self.same: list[tuple[list[torch.Tensor], Aliases]] = []
+        self.same: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
         self.mixed: list[_Chunk] = []
         self.scratch: list[torch.Tensor] = []
         for (device, shadow_dtype, source_dtype), (
@@ -55,7 +55,7 @@ class ForeachUpdate:
             group_sources,
         ) in group_by_device_and_dtype(shadows, sources).items():
             if shadow_dtype == source_dtype:
-                self.same.append((group_shadows, Aliases(group_sources)))
+                self.same.append((group_shadows, group_sources))
             else:
                 self._plan_scratch(device, shadow_dtype, group_shadows, group_sources)
 
@@ -71,15 +71,17 @@ class ForeachUpdate:
         capacity = max(max(sizes), min(sum(sizes), limit))
         scratch = torch.empty(capacity, dtype=dtype, device=device)
         self.scratch.append(scratch)
-        planned: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        chunk = _Chunk([], [], [])
         offset = 0
         for shadow, source, size in zip(shadows, sources, sizes, strict=True):
             if offset + size > capacity:
-                self.mixed.append(_Chunk(*map(list, zip(*planned, strict=True))))
-                planned, offset = [], 0
-            planned.append((shadow, source, scratch[offset : offset + size].view(shadow.shape)))
+                self.mixed.append(chunk)
+                chunk, offset = _Chunk([], [], []), 0
+            chunk.shadows.append(shadow)
+            chunk.sources.append(source)
+            chunk.views.append(scratch[offset : offset + size].view(shadow.shape))
             offset += size
-        self.mixed.append(_Chunk(*map(list, zip(*planned, strict=True))))
+        self.mixed.append(chunk)
 
     def _weights(self, weight: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
         """A device weight as the per-tensor list ``_foreach_lerp_`` takes, planned once per group."""
@@ -94,14 +96,14 @@ class ForeachUpdate:
         tensor = isinstance(weight, torch.Tensor)
         for shadows, sources in self.same:
             w = self._weights(weight, shadows) if tensor else weight
-            torch._foreach_lerp_(shadows, sources.current(), w)
+            torch._foreach_lerp_(shadows, sources, w)
         for chunk in self.mixed:
-            torch._foreach_copy_(chunk.views, chunk.sources.current())
+            torch._foreach_copy_(chunk.views, chunk.sources)
             w = self._weights(weight, chunk.shadows) if tensor else weight
             torch._foreach_lerp_(chunk.shadows, chunk.views, w)
 
     def copy_(self) -> None:
         for shadows, sources in self.same:
-            torch._foreach_copy_(shadows, sources.current())
+            torch._foreach_copy_(shadows, sources)
         for chunk in self.mixed:
-            torch._foreach_copy_(chunk.shadows, chunk.sources.current())
+            torch._foreach_copy_(chunk.shadows, chunk.sources)

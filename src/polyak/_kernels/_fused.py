@@ -17,7 +17,6 @@ from collections.abc import Callable
 import torch
 
 from polyak._kernels._base import (
-    Aliases,
     group_by_device_and_dtype,
     require_bf16_shadows,
     segment_offsets,
@@ -91,12 +90,7 @@ class FusedUpdate:
         stochastic: bool = False,
         seed: int = 0,
     ) -> None:
-        self.groups = [
-            (key, (group_shadows, Aliases(group_sources)))
-            for key, (group_shadows, group_sources) in group_by_device_and_dtype(
-                shadows, sources
-            ).items()
-        ]
+        self.groups = list(group_by_device_and_dtype(shadows, sources).items())
         devices = {device for (device, _, _), _ in self.groups}
         self.weights = {d: torch.zeros((), dtype=torch.float64, device=d) for d in devices}
         self.stochastic = stochastic
@@ -124,10 +118,10 @@ class FusedUpdate:
         for index, ((device, _, _), (shadows, sources)) in enumerate(self.groups):
             w = weight if isinstance(weight, torch.Tensor) else self.weights[device]
             if self.stochastic:
-                self._sr(shadows, sources.current(), w, self.keys[device], self.offsets[index])
+                self._sr(shadows, sources, w, self.keys[device], self.offsets[index])
             else:
-                self._lerp(shadows, sources.current(), w)
+                self._lerp(shadows, sources, w)
 
     def copy_(self) -> None:
         for _, (shadows, sources) in self.groups:
-            self._copy(shadows, sources.current())
+            self._copy(shadows, sources)

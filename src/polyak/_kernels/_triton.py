@@ -32,8 +32,6 @@ import triton
 import triton.language as tl
 
 from polyak._kernels._base import (
-    Aliases,
-    addresses,
     group_by_device_and_dtype,
     require_bf16_shadows,
     segment_offsets,
@@ -164,6 +162,10 @@ def _lerp_kernel(
         )
 
 
+def _addresses(tensors: list[torch.Tensor]) -> tuple[int, ...]:
+    return tuple(map(torch.Tensor.data_ptr, tensors))
+
+
 def _dense_alike(shadow: torch.Tensor, source: torch.Tensor) -> bool:
     """Both cover one dense block of memory in the same element order (so flat indexing works)."""
     if shadow.shape != source.shape or shadow.stride() != source.stride():
@@ -196,14 +198,14 @@ class _Group:
         first = torch.tensor([0, *blocks[:-1]]).cumsum(0)
         within = torch.arange(self.n_blocks) - first.repeat_interleave(torch.tensor(blocks))
         self.block_start = (within * BLOCK).to(dtype=torch.int64, **on)
-        self.planned: tuple[list[int], list[int]] = ([], [])
+        self.planned: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
         self.shadow_ptrs = torch.empty(len(shadows), dtype=torch.int64, **on)
         self.source_ptrs = torch.empty(len(sources), dtype=torch.int64, **on)
         self.refresh()
 
     def refresh(self) -> None:
         """Point the tables at the tensors' current storage, if it moved since the last update."""
-        now = (addresses(self.shadows), addresses(self.sources))
+        now = (_addresses(self.shadows), _addresses(self.sources))
         if now == self.planned:
             return
         for shadow, source in zip(self.shadows, self.sources, strict=True):
@@ -241,7 +243,7 @@ class TritonUpdate:
             require_bf16_shadows(shadows)
         self.stochastic = stochastic
         start = {id(s): o for s, o in zip(shadows, segment_offsets(shadows), strict=True)}
-        self.all_shadows, self.all_sources = shadows, Aliases(sources)
+        self.all_shadows, self.all_sources = shadows, sources
         self.groups: list[_Group] = []
         for (_, shadow_dtype, _), (group_shadows, group_sources) in group_by_device_and_dtype(
             shadows, sources
@@ -287,7 +289,7 @@ class TritonUpdate:
 
     def copy_(self) -> None:
         if self.all_shadows:
-            torch._foreach_copy_(self.all_shadows, self.all_sources.current())
+            torch._foreach_copy_(self.all_shadows, self.all_sources)
 
 
 def check_applicable(shadows: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
