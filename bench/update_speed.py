@@ -74,6 +74,7 @@ SCHEMA_VERSION = 1
 DECAY = 0.999
 PEER_PACKAGES = ("torch-ema", "ema-pytorch", "timm")
 RAW = "raw_foreach_lerp"
+RAW_LIVE = "live"  # the kernel label of raw _foreach_lerp_ on the nn.Parameters themselves
 POLYAK_KERNELS = ("reference", "foreach", "fused", "triton")
 
 # ---------------------------------------------------------------- models
@@ -461,9 +462,15 @@ def make_polyak(kernel: str, label: str | None = None, **options: Any) -> Callab
     return make
 
 
-def make_raw(wl: Workload) -> Impl:
+def make_raw(wl: Workload, live: bool = False) -> Impl:
+    """``_foreach_lerp_`` on detached aliases of the weights (``live``: on the nn.Parameters).
+
+    The detached form is the floor of a multi-tensor update; the live form is what any EMA that
+    reads the model's parameters each step pays, as an nn.Parameter costs a foreach op ~0.4 µs
+    more to parse than a plain tensor (0.8 ms per update with 2,048 tensors on the CPU).
+    """
     names = [n for n, _ in wl.avg]
-    params = [t.detach() for _, t in wl.avg]
+    params = [t if live else t.detach() for _, t in wl.avg]
     shadows = [t.detach().to(wl.shadow_dtype, copy=True) for t in params]
     csrc = [t.detach() for _, t in wl.copy]
     cdst = [t.clone() for t in csrc]
@@ -490,9 +497,17 @@ def make_raw(wl: Workload) -> Impl:
         note += " + _foreach_copy_ of integer buffers"
     else:
         update = lerp
+    if live:  # under no_grad, as an EMA runs it: no autograd graph through the Parameters
+        planned = update
+
+        def update() -> None:
+            with torch.no_grad():
+                planned()
+
+        note = note.replace("params, w", "live nn.Parameters, w")
     table = dict(zip(names, shadows, strict=True))
     table |= dict(zip([n for n, _ in wl.copy], cdst, strict=True))
-    return Impl(RAW, "foreach", update, table.get, note, (shadows, cdst))
+    return Impl(RAW, RAW_LIVE if live else "foreach", update, table.get, note, (shadows, cdst))
 
 
 def make_torch_ema(wl: Workload) -> Impl:
@@ -686,6 +701,7 @@ SPECS: list[Spec] = [
         lambda wl: _bf16_shadows(wl) and _triton_here(wl),
     ),
     Spec(RAW, "foreach", make_raw),
+    Spec(RAW, RAW_LIVE, lambda wl: make_raw(wl, live=True), lambda wl: not _mixed(wl)),
     Spec("torch_ema", "loop", make_torch_ema),
     Spec("ema_pytorch", "loop", make_ema_pytorch(False)),
     Spec("ema_pytorch", "foreach", make_ema_pytorch(True)),
@@ -1199,7 +1215,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     for r in rows:
         by_wl.setdefault(r["workload"], []).append(r)
     for name, group in by_wl.items():
-        raw = next((r for r in group if r["impl"] == RAW), None)
+        raw = next((r for r in group if r["impl"] == RAW and r["kernel"] == "foreach"), None)
+        live = next((r for r in group if r["impl"] == RAW and r["kernel"] == RAW_LIVE), None)
         # the non-reference kernels that round to nearest (stochastic rounding does more work
         # than raw lerp; it is compared with timm V3's in the table, not here)
         fast = [
@@ -1213,6 +1230,14 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             for r in fast:
                 add(
                     "polyak <= 1.05x raw _foreach_lerp_", r, r["ms_median"] / raw["ms_median"], 1.05
+                )
+        if live and live["ms_median"] is not None:  # ours, not the issue's: the same inputs
+            for r in fast:
+                add(
+                    "polyak <= 1.05x raw _foreach_lerp_ on the live nn.Parameters",
+                    r,
+                    r["ms_median"] / live["ms_median"],
+                    1.05,
                 )
         if name.startswith("resnet50"):
             for r in fast:
