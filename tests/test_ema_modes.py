@@ -93,6 +93,21 @@ def test_capturable_equals_eager_on_any_device(kernel, every):
     assert captured.state_dict()["step"] == 7
 
 
+def test_capturable_bf16_shadows_read_the_device_weight_in_fp32():
+    """Capturable bf16 shadows take ``fused`` (a foreach lerp would round the weight to bf16) and
+    equal the eager EMA, whose Python-float weight ATen reads in fp32."""
+    m1, m2 = net(), net()
+    eager = polyak.EMA(m1, decay=0.999, shadow_dtype=torch.bfloat16, kernel="foreach")
+    captured = polyak.EMA(m2, decay=0.999, shadow_dtype=torch.bfloat16, capturable=True)
+    assert captured.kernel == "fused"
+    with pytest.raises(ValueError, match="cannot run a capturable update of torch.bfloat16"):
+        polyak.EMA(net(), shadow_dtype=torch.bfloat16, capturable=True, kernel="foreach")
+    run(m1, eager, 6)
+    run(m2, captured, 6)
+    averaged = [n for n in eager.names() if eager.average(n).is_floating_point()]
+    assert_same_averages(eager, captured, exact=True, names=averaged)
+
+
 def test_capturable_update_does_not_touch_the_host(monkeypatch):
     model = net()
     ema = polyak.EMA(model, decay=schedules.power(sigma_rel=0.1), capturable=True, update_every=2)

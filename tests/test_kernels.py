@@ -150,6 +150,45 @@ def test_choose():
     assert _kernels.choose("reference", []) == "reference"
     with pytest.raises(ValueError, match="unknown kernel 'fast'; expected one of"):
         _kernels.choose("fast", [])
+    bf16, fp32 = [torch.zeros(2, dtype=torch.bfloat16)], [torch.zeros(2)]
+    assert _kernels.choose("auto", bf16, capturable=True) == "fused"
+    assert _kernels.choose("auto", fp32, capturable=True) == "foreach"
+    assert _kernels.choose("foreach", fp32, capturable=True) == "foreach"
+    with pytest.raises(ValueError, match="capturable update of torch.bfloat16 shadows"):
+        _kernels.choose("foreach", bf16, capturable=True)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "fused"])
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.float32, torch.bfloat16),
+    ],
+)
+def test_a_device_weight_is_read_in_fp32_for_low_precision_shadows(kernel, src, dst):
+    """A tensor weight gives the very bits of ATen's ``shadow.lerp_(p, float)`` (fp32 opmath).
+
+    Read in the shadow's dtype instead, ``1 - 0.999`` is ``0.00099945`` in bf16 (199 of 100,000
+    results differ after one update) and an fp16 weight of 1e-8 is zero: the EMA would never move.
+    """
+    gen = torch.Generator().manual_seed(11)
+    sources = [(torch.randn(100_000, generator=gen) * 4).to(src), torch.full((8,), 60000.0).to(src)]
+    start = [torch.randn(100_000, generator=gen).to(dst), torch.zeros(8, dtype=dst)]
+    for w in [1e-3 + 1e-6, 1e-4, 0.3, 0.75]:
+        got = [s.clone() for s in start]
+        _kernels.build(kernel, got, sources).lerp_(torch.tensor(w, dtype=torch.float64))
+        for g, s, p in zip(got, start, sources, strict=True):
+            want = s.clone().lerp_(p.to(dst), w)  # ATen, float weight
+            if kernel == "reference" or w < 0.01:
+                assert torch.equal(g, want), w
+            else:  # the compiled lerp may contract w * (p - s) + s into an FMA: one ulp at most
+                assert ((g.float() - want.float()).abs() <= update_ulp(want, p).float()).all(), w
+    tiny = [s.clone() for s in start]
+    _kernels.build(kernel, tiny, sources).lerp_(torch.tensor(1e-8, dtype=torch.float64))
+    if dst == torch.float16:
+        assert (tiny[1] > 0).all()  # 60000 * 1e-8 = 6e-4 moved the zero shadow
 
 
 def test_device_mismatch_is_reported():
@@ -168,6 +207,9 @@ FUSED_PAIRS = [
     (torch.bfloat16, torch.float32),
     (torch.float16, torch.float32),
     (torch.float64, torch.float64),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float32, torch.bfloat16),
 ]
 
 

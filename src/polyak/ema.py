@@ -251,7 +251,10 @@ class EMA:
                     f"shadow_dtype=torch.bfloat16."
                 )
         self.kernel = _kernels.choose(
-            kernel, [self._shadows[n] for n in self._averaged], rounding=rounding
+            kernel,
+            [self._shadows[n] for n in self._averaged],
+            rounding=rounding,
+            capturable=capturable,
         )
         if capturable:
             device = self._live[next(iter(self._live))].device

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from polyak._kernels._base import Update
+from polyak._kernels._base import Update, compute_dtype
 from polyak._kernels._engine import Engine
 from polyak._kernels._foreach import ForeachUpdate
 from polyak._kernels._fused import FusedUpdate
@@ -45,17 +45,26 @@ KERNELS: dict[str, type | None] = {
 ROUNDING = ("nearest", "stochastic")
 
 
-def choose(requested: str, tensors: Sequence[torch.Tensor], rounding: str = "nearest") -> str:
+def choose(
+    requested: str,
+    tensors: Sequence[torch.Tensor],
+    rounding: str = "nearest",
+    *,
+    capturable: bool = False,
+) -> str:
     """The kernel to use: ``requested`` if it is a known name, else the fastest that applies.
 
-    ``auto`` takes ``fused`` for stochastic rounding (no multi-tensor op rounds stochastically) and
-    when every tensor is on a CUDA device with Triton available; ``foreach`` otherwise (on the CPU
-    its speed is within a few percent of the fused path for fp32, and it needs no compilation).
+    ``tensors`` are the shadows. ``auto`` takes ``fused`` for stochastic rounding (no multi-tensor
+    op rounds stochastically), for capturable updates of bf16/fp16 shadows (a multi-tensor lerp
+    rounds a device weight to the shadow's dtype, see ``compute_dtype``), and when every tensor is
+    on a CUDA device with Triton available; ``foreach`` otherwise (on the CPU its speed is within a
+    few percent of the fused path for fp32, and it needs no compilation).
     """
     if rounding not in ROUNDING:
         raise ValueError(f"rounding must be one of {ROUNDING}, got rounding={rounding!r}.")
+    low = sorted({str(t.dtype) for t in tensors if compute_dtype(t.dtype) != t.dtype})
     if requested == "auto":
-        if rounding == "stochastic":
+        if rounding == "stochastic" or (capturable and low):
             return "fused"
         on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
         return "fused" if on_cuda and _has_triton() else "foreach"
@@ -65,6 +74,12 @@ def choose(requested: str, tensors: Sequence[torch.Tensor], rounding: str = "nea
         raise ValueError(
             "kernel='foreach' cannot round stochastically (no multi-tensor op does it); use "
             "kernel='fused' or 'auto' (or 'reference' for the slow per-tensor definition)."
+        )
+    if capturable and low and requested == "foreach":
+        raise ValueError(
+            f"kernel='foreach' cannot run a capturable update of {', '.join(low)} shadows: a "
+            f"multi-tensor lerp rounds the device weight to the shadow's dtype (1 - 0.9999 would "
+            f"become 1.00136e-4 in bf16). Use kernel='auto', 'fused' or 'triton', or fp32 shadows."
         )
     if requested == "triton":
         if not _has_triton():

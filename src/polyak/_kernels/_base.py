@@ -25,6 +25,17 @@ class Update(Protocol):
 Group = tuple[list[torch.Tensor], list[torch.Tensor]]
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype an update is computed in: fp64 for fp64 shadows, else fp32.
+
+    This is ATen's "opmath" type: ``bf16_shadow.lerp_(p, 1e-4)`` upcasts to fp32, takes the
+    Python-float weight in fp32 and rounds the result once. A weight held as a *tensor* must be
+    read in this dtype too, not in the shadow's: bf16 would turn ``1 - 0.9999`` into
+    ``1.00136e-4`` (an EMA horizon 0.14% short), and fp16 rounds ``1e-8`` to zero.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def segment_offsets(shadows: Sequence[torch.Tensor]) -> list[int]:
     """The start of each tensor in the concatenation of all of them (random-stream positions)."""
     offsets, total = [], 0

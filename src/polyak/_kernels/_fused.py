@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from polyak._kernels._base import (
+    compute_dtype,
     group_by_device_and_dtype,
     require_bf16_shadows,
     segment_offsets,
@@ -27,11 +28,17 @@ from polyak._kernels._stochastic import keyed_stochastic_lerp_, stream_key
 def lerp_group(
     shadows: list[torch.Tensor], sources: list[torch.Tensor], weight: torch.Tensor
 ) -> None:
-    """The pure per-group update the compiler fuses: ``s = lerp(s, p.to(s.dtype), w)``."""
+    """The pure per-group update the compiler fuses: ``s = lerp(s, p.to(s.dtype), w)``.
+
+    Computed in fp32 (fp64 for fp64 shadows) and rounded once into the shadow, with the weight in
+    that dtype too, exactly as ATen's ``lerp_`` with a float weight (see ``compute_dtype``).
+    """
     for shadow, source in zip(shadows, sources, strict=True):
         if shadow.dim() == 0:  # inductor drops in-place writes to 0-dim float64 CPU inputs
             shadow, source = shadow.view(1), source.view(1)
-        shadow.lerp_(source.to(shadow.dtype), weight.to(shadow.dtype))
+        c = compute_dtype(shadow.dtype)
+        value = torch.lerp(shadow.to(c), source.to(shadow.dtype).to(c), weight.to(c))
+        shadow.copy_(value)
 
 
 def advance_key(seed: torch.Tensor, counter: torch.Tensor, key: torch.Tensor) -> None:
@@ -65,8 +72,8 @@ def copy_group(shadows: list[torch.Tensor], sources: list[torch.Tensor]) -> None
     torch._foreach_copy_(shadows, sources)
 
 
-def _compile(fn: Callable[..., None]) -> Callable[..., None]:
-    """``torch.compile`` a private copy of ``fn``.
+def _compile(fn: Callable[..., None], **options: bool) -> Callable[..., None]:
+    """``torch.compile`` a private copy of ``fn`` (``options``: inductor's).
 
     Dynamo caches compiled graphs on the function's code object and stops compiling after
     ``recompile_limit`` (8) distinct shape/dtype sets per code object, silently falling back to
@@ -76,7 +83,7 @@ def _compile(fn: Callable[..., None]) -> Callable[..., None]:
     private = types.FunctionType(
         fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
     )
-    return torch.compile(private, fullgraph=True, dynamic=False)
+    return torch.compile(private, fullgraph=True, dynamic=False, options=options or None)
 
 
 class FusedUpdate:
@@ -105,7 +112,9 @@ class FusedUpdate:
             self.offsets = [[start[id(s)] for s in group] for _, (group, _) in self.groups]
             self._sr = _compile(stochastic_lerp_group)
             self._advance = _compile(advance_key)
-        self._lerp = _compile(lerp_group)
+        # inductor drops the rounding of an fp32 source cast to bf16/fp16 shadows unless told to
+        # emulate it; the reference (and ATen) round the source first
+        self._lerp = _compile(lerp_group, emulate_precision_casts=True)
         self._copy = copy_group
 
     def lerp_(self, weight: float | torch.Tensor) -> None:

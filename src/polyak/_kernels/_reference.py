@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from polyak._kernels._base import segment_offsets
+from polyak._kernels._base import compute_dtype, segment_offsets
 from polyak._kernels._stochastic import stochastic_lerp_
 
 
@@ -45,9 +45,13 @@ class ReferenceUpdate:
                     self.counter.to(shadow.device),
                     self.offsets[index],
                 )
+            elif isinstance(weight, torch.Tensor):
+                # in the compute dtype, as ATen does with a float weight (see compute_dtype)
+                c = compute_dtype(shadow.dtype)
+                value = torch.lerp(shadow.to(c), source.to(shadow.dtype).to(c), weight.to(c))
+                shadow.copy_(value)
             else:
-                w = weight.to(shadow.dtype) if isinstance(weight, torch.Tensor) else weight
-                shadow.lerp_(source.to(shadow.dtype), w)
+                shadow.lerp_(source.to(shadow.dtype), weight)
 
     def copy_(self) -> None:
         for shadow, source in zip(self.shadows, self.sources, strict=True):
