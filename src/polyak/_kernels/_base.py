@@ -36,6 +36,18 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def lerp_in_compute_dtype(
+    shadow: torch.Tensor, source: torch.Tensor, weight: torch.Tensor
+) -> torch.Tensor:
+    """``lerp(s, p.to(s.dtype), w)`` computed in ``compute_dtype(s.dtype)``, not yet rounded.
+
+    The source is rounded to the shadow's dtype first; ``shadow.copy_(...)`` of the result then
+    rounds once, which is ATen's ``shadow.lerp_(p, float(w))`` bit for bit.
+    """
+    c = compute_dtype(shadow.dtype)
+    return torch.lerp(shadow.to(c), source.to(shadow.dtype).to(c), weight.to(c))
+
+
 def segment_offsets(shadows: Sequence[torch.Tensor]) -> list[int]:
     """The start of each tensor in the concatenation of all of them (random-stream positions)."""
     offsets, total = [], 0

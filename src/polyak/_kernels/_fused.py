@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 
 from polyak._kernels._base import (
-    compute_dtype,
     group_by_device_and_dtype,
+    lerp_in_compute_dtype,
     require_bf16_shadows,
     segment_offsets,
 )
@@ -36,9 +36,7 @@ def lerp_group(
     for shadow, source in zip(shadows, sources, strict=True):
         if shadow.dim() == 0:  # inductor drops in-place writes to 0-dim float64 CPU inputs
             shadow, source = shadow.view(1), source.view(1)
-        c = compute_dtype(shadow.dtype)
-        value = torch.lerp(shadow.to(c), source.to(shadow.dtype).to(c), weight.to(c))
-        shadow.copy_(value)
+        shadow.copy_(lerp_in_compute_dtype(shadow, source, weight))
 
 
 def advance_key(seed: torch.Tensor, counter: torch.Tensor, key: torch.Tensor) -> None:

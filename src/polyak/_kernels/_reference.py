@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from polyak._kernels._base import compute_dtype, segment_offsets
+from polyak._kernels._base import lerp_in_compute_dtype, segment_offsets
 from polyak._kernels._stochastic import stochastic_lerp_
 
 
@@ -45,11 +45,8 @@ class ReferenceUpdate:
                     self.counter.to(shadow.device),
                     self.offsets[index],
                 )
-            elif isinstance(weight, torch.Tensor):
-                # in the compute dtype, as ATen does with a float weight (see compute_dtype)
-                c = compute_dtype(shadow.dtype)
-                value = torch.lerp(shadow.to(c), source.to(shadow.dtype).to(c), weight.to(c))
-                shadow.copy_(value)
+            elif isinstance(weight, torch.Tensor):  # as ATen reads a float one (compute_dtype)
+                shadow.copy_(lerp_in_compute_dtype(shadow, source, weight))
             else:
                 shadow.lerp_(source.to(shadow.dtype), weight)
 
