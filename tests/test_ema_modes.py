@@ -251,7 +251,8 @@ def test_offload_from_cuda_equals_inline():
     assert off.average("0.weight").is_pinned()
     run(m1, inline, 20)
     run(m2, off, 20)
-    assert_same_averages(inline, off)
+    # the host runs ATen's CPU lerp, the device a compiled kernel: equal to rounding, not in bits
+    assert_same_averages(inline, off, exact=False)
 
 
 @needs_cuda
