@@ -156,6 +156,11 @@ def test_choose():
     assert _kernels.choose("foreach", fp32, capturable=True) == "foreach"
     with pytest.raises(ValueError, match="capturable update of torch.bfloat16 shadows"):
         _kernels.choose("foreach", bf16, capturable=True)
+    # built directly, the kernel refuses the device weight itself rather than round it to bf16
+    update = _kernels.build("foreach", bf16, [torch.ones(2, dtype=torch.bfloat16)])
+    update.lerp_(0.5)  # a Python-float weight is read in fp32 by ATen: fine
+    with pytest.raises(ValueError, match="capturable update of torch.bfloat16 shadows"):
+        update.lerp_(torch.tensor(0.5, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("kernel", ["reference", "fused"])

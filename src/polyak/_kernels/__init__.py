@@ -30,7 +30,7 @@ import torch
 
 from polyak._kernels._base import Update, compute_dtype
 from polyak._kernels._engine import Engine
-from polyak._kernels._foreach import ForeachUpdate
+from polyak._kernels._foreach import ForeachUpdate, check_device_weight
 from polyak._kernels._fused import FusedUpdate
 from polyak._kernels._reference import ReferenceUpdate
 
@@ -62,7 +62,7 @@ def choose(
     """
     if rounding not in ROUNDING:
         raise ValueError(f"rounding must be one of {ROUNDING}, got rounding={rounding!r}.")
-    low = sorted({str(t.dtype) for t in tensors if compute_dtype(t.dtype) != t.dtype})
+    low = any(compute_dtype(t.dtype) != t.dtype for t in tensors)
     if requested == "auto":
         if rounding == "stochastic" or (capturable and low):
             return "fused"
@@ -75,12 +75,8 @@ def choose(
             "kernel='foreach' cannot round stochastically (no multi-tensor op does it); use "
             "kernel='fused' or 'auto' (or 'reference' for the slow per-tensor definition)."
         )
-    if capturable and low and requested == "foreach":
-        raise ValueError(
-            f"kernel='foreach' cannot run a capturable update of {', '.join(low)} shadows: a "
-            f"multi-tensor lerp rounds the device weight to the shadow's dtype (1 - 0.9999 would "
-            f"become 1.00136e-4 in bf16). Use kernel='auto', 'fused' or 'triton', or fp32 shadows."
-        )
+    if capturable and requested == "foreach":
+        check_device_weight({t.dtype for t in tensors})
     if requested == "triton":
         if not _has_triton():
             raise ValueError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from polyak._kernels._base import group_by_device_and_dtype
+from polyak._kernels._base import compute_dtype, group_by_device_and_dtype
 
 # Upper bound on the scratch buffer that upcasts low-precision sources, or the largest single tensor
 # if that is bigger. On a CPU a chunk must stay in cache between the upcast and the lerp (4 MiB of
@@ -12,6 +12,21 @@ from polyak._kernels._base import group_by_device_and_dtype
 # mean fewer launches (64 MiB).
 SCRATCH_ELEMENTS = {"cpu": 1 << 20}
 SCRATCH_ELEMENTS_DEFAULT = 1 << 24
+
+
+def check_device_weight(dtypes: set[torch.dtype]) -> None:
+    """Refuse a device weight for bf16/fp16 shadows: ``_foreach_lerp_`` would round it to them.
+
+    ATen reads a Python-float weight in fp32 (``compute_dtype``), but casts a tensor weight to the
+    list's dtype, and no multi-tensor op takes an fp32 weight for bf16 lists.
+    """
+    low = sorted(str(d) for d in dtypes if compute_dtype(d) != d)
+    if low:
+        raise ValueError(
+            f"kernel='foreach' cannot run a capturable update of {', '.join(low)} shadows: a "
+            f"multi-tensor lerp rounds the device weight to the shadow's dtype (1 - 0.9999 would "
+            f"become 1.00136e-4 in bf16). Use kernel='auto', 'fused' or 'triton', or fp32 shadows."
+        )
 
 
 class _Chunk:
@@ -87,6 +102,7 @@ class ForeachUpdate:
         """A device weight as the per-tensor list ``_foreach_lerp_`` takes, planned once per group."""
         key = (like[0].device, like[0].dtype)
         if key not in self.weights:
+            check_device_weight({key[1]})
             self.weights[key] = [torch.zeros((), dtype=key[1], device=key[0])]
         cached = self.weights[key]
         cached[0].copy_(weight)
