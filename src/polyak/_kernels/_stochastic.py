@@ -114,21 +114,22 @@ def round_to_bf16_float(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
     :func:`round_to_bf16_bits`, except that a zero result is always +0.
 
     ``g`` without bit access: ``a = clamp(|x|, 2**-118, 2**104)``; Veltkamp's split
-    ``s = y * 2**23 + y; p = s - (s - y)`` rounds ``y = 1.5 * a`` to one significant bit, i.e.
+    ``s = y * (2**23 + 1); p = s - (s - y)`` rounds ``y = 1.5 * a`` to one significant bit, i.e.
     ``p = 2 * 2**floor(log2(a))`` (ties go to that even result), and ``g = p * 2**-8``. The lower
     clamp keeps ``g >= 2**-125`` a normal number, so flushing subnormals to zero
     (``torch.set_flush_denormal(True)``) can never make ``g`` zero and a zero shadow NaN; below
     ``2**-118`` (1e-36) values round on that coarser grid, still without bias up to one fp32
     rounding. The upper clamp keeps ``s`` finite; from ``2**105`` (4e31) up a value still rounds to
-    one of its two bf16 neighbours, but not exactly with the right probability. The
-    ``s = y * 2**23 + y`` form stays exact if a compiler contracts it into an FMA. NaN stays NaN
-    and ±inf stays ±inf (``inf / g + u`` floors to inf).
+    one of its two bf16 neighbours, but not exactly with the right probability. ``2**23 + 1`` is
+    exact in fp32, so ``s`` is the exact ``y * 2**23 + y`` rounded once, as an FMA would give.
+    NaN stays NaN and ±inf stays ±inf (``inf / g + u`` floors to inf).
+
+    Each intermediate is used as few times as possible (one ``clamp``, one product for ``s``):
+    the compiler inlines a pointwise value into every use before it removes common terms, so
+    re-used terms multiply the size of what it lowers, and that size is its compile time.
     """
-    a = x.abs()
-    a = torch.where(a > _SMALLEST_SPLIT, a, _SMALLEST_SPLIT)
-    a = torch.where(a < _SPLIT_MAX, a, _SPLIT_MAX)
-    y = a * 1.5
-    s = y * 8388608.0 + y
+    y = x.abs().clamp(_SMALLEST_SPLIT, _SPLIT_MAX) * 1.5
+    s = y * 8388609.0
     g = (s - (s - y)) * 2.0**-8
     return (torch.floor(x / g + bits16.float() * 2.0**-16) * g).to(torch.bfloat16)
 
