@@ -10,7 +10,8 @@ What lives here, and nothing else:
 - run metadata: :func:`machine_info`, :func:`package_versions`, :func:`git_commit`, :func:`utc_now`;
 - results: :func:`write_json_atomic` (temp file, fsync, ``os.replace``), :func:`markdown_table`;
 - timing: :func:`sync`, :func:`time_calls` (CUDA events on a GPU, ``perf_counter_ns`` on a CPU),
-  :func:`median_iqr`, :func:`copy_bandwidth` (the memory-bandwidth probe behind every "floor").
+  :func:`median_iqr`, :func:`paired_ratio` (a ratio of two round-robin rows, with a bootstrap
+  interval), :func:`copy_bandwidth` (the memory-bandwidth probe behind every "floor").
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -241,6 +243,33 @@ def median_iqr(samples: Sequence[float]) -> tuple[float, float]:
         return med, 0.0
     q = statistics.quantiles(samples, n=4, method="inclusive")
     return med, q[2] - q[0]
+
+
+def paired_ratio(
+    a: Sequence[float],
+    b: Sequence[float],
+    *,
+    level: float = 0.95,
+    resamples: int = 4000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``median_r(a[r] / b[r])`` and a ``level`` bootstrap interval for it: ``(ratio, lo, hi)``.
+
+    ``a[r]`` and ``b[r]`` must come from the same round r of a round-robin, so a slow phase of the
+    machine that hits one hits the other; the per-round ratio cancels it where a ratio of two
+    medians would not. The interval resamples whole rounds with replacement (percentile method,
+    a fixed ``seed``, so a result file reproduces). Where the rows cannot be paired (different
+    lengths, or a row timed once), it is the ratio of the medians with no interval (lo = hi).
+    """
+    if len(a) != len(b) or len(a) < 4:
+        ratio = statistics.median(a) / statistics.median(b)
+        return ratio, ratio, ratio
+    ratios = np.asarray(a, dtype=np.float64) / np.asarray(b, dtype=np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(ratios), (resamples, len(ratios)))
+    medians = np.median(ratios[picks], axis=1)
+    tail = (1 - level) / 2
+    lo, hi = np.quantile(medians, [tail, 1 - tail])
+    return float(np.median(ratios)), float(lo), float(hi)
 
 
 def copy_bandwidth(

@@ -1,0 +1,111 @@
+"""The benchmark's statistics: paired ratios of round-robin rows and the target verdicts.
+
+The benchmark scripts are not part of the package; they are loaded from bench/ the way a script
+run there sees them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+        import update_speed
+
+        yield _common, update_speed
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def _drifting_rounds(n: int, ratio: float, seed: int) -> tuple[list[float], list[float]]:
+    """Two rows timed in the same rounds of a machine whose speed drifts by up to 2x."""
+    rng = np.random.default_rng(seed)
+    machine = np.exp(rng.normal(0, 0.25, n))  # the round's slowness, shared by both rows
+    b = 10.0 * machine * np.exp(rng.normal(0, 0.02, n))
+    a = ratio * 10.0 * machine * np.exp(rng.normal(0, 0.02, n))
+    return a.tolist(), b.tolist()
+
+
+def test_paired_ratio_cancels_a_drift_shared_by_both_rows(bench):
+    common, _ = bench
+    a, b = _drifting_rounds(40, 1.03, seed=1)
+    ratio, lo, hi = common.paired_ratio(a, b)
+    assert lo <= 1.03 <= hi and abs(ratio - 1.03) < 0.01
+    assert hi - lo < 0.03  # the per-round noise is 2%: the interval is that narrow
+    # the same samples with the pairing destroyed: the drift no longer cancels
+    shuffled = list(np.random.default_rng(2).permutation(b))
+    _, lo_u, hi_u = common.paired_ratio(a, shuffled)
+    assert hi_u - lo_u > 4 * (hi - lo)
+
+
+def test_paired_ratio_is_reproducible_and_falls_back_to_medians(bench):
+    common, _ = bench
+    a, b = _drifting_rounds(30, 0.9, seed=3)
+    assert common.paired_ratio(a, b) == common.paired_ratio(a, b)  # fixed bootstrap seed
+    one = common.paired_ratio([5.0], b)  # a row timed once (too slow for the round-robin)
+    assert one == (5.0 / statistics.median(b),) * 3
+
+
+def _result(device: str, rows: list[dict]) -> dict:
+    workloads = {r["workload"] for r in rows}
+    return {
+        "settings": {"device": device},
+        "workloads": [{"name": w, "polyak_auto_kernel": "foreach"} for w in workloads],
+        "rows": rows,
+    }
+
+
+def _bench_row(workload: str, impl: str, kernel: str, samples: list[float], floor: float) -> dict:
+    return {
+        "workload": workload,
+        "impl": impl,
+        "kernel": kernel,
+        "samples_ms": samples,
+        "ms_median": statistics.median(samples),
+        "floor_ms": floor,
+    }
+
+
+def test_target_verdicts_follow_the_interval(bench):
+    _, us = bench
+    raw, _ = _drifting_rounds(40, 1.0, seed=4)
+    fast = [t * 1.00 for t in raw]  # clearly within 1.05x
+    slow = [t * 1.20 for t in raw]  # clearly beyond
+    # per-round ratios spread evenly (shuffled) around exactly the limit
+    spread = np.random.default_rng(5).permutation(np.exp(np.linspace(-0.2, 0.2, 40)))
+    noisy = (np.array(raw) * 1.05 * spread).tolist()
+    rows = [
+        _bench_row("transformer", "raw_foreach_lerp", "foreach", raw, 5.0),
+        _bench_row("transformer", "polyak", "foreach", fast, 5.0),
+        _bench_row("transformer", "polyak", "fused", slow, 5.0),
+        _bench_row("transformer", "polyak", "triton", noisy, 5.0),
+    ]
+    verdicts = {t["kernel"]: t["verdict"] for t in us.evaluate_targets(_result("cpu", rows))}
+    assert verdicts == {"foreach": "met", "fused": "NOT met", "triton": "within noise"}
+
+
+def test_gpu_runs_check_the_gpu_targets(bench):
+    _, us = bench
+    samples = [5.2, 5.3, 5.25, 5.22, 5.31, 5.27]
+    rows = [
+        _bench_row("transformer", "polyak", "fused", samples, 5.0),
+        _bench_row("bf16_native", "polyak", "fused+SR", [3.0] * 6, 3.0),
+    ]
+    targets = us.evaluate_targets(_result("cuda", rows))
+    by_name = {t["target"]: t for t in targets}
+    fp32 = by_name["1.31B fp32 <= 1.05x floor"]
+    assert fp32["ratio"] == pytest.approx(statistics.median(samples) / 5.0)
+    assert fp32["verdict"] == "within noise"  # 1.044..1.062 holds the limit
+    assert by_name["bf16 stochastic rounding <= 1.1x 6 B/elem floor"]["verdict"] == "met"
+    assert not any("raw _foreach_lerp_" in t["target"] for t in targets)  # CPU-only targets
