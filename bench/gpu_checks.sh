@@ -4,10 +4,16 @@
 #   bash bench/gpu_checks.sh tests     # GPU tests: CUDA-graph capture (100 replays vs eager), side
 #                                      # stream, offload, set_sync_debug_mode("error"), peak memory
 #                                      # per update, every kernel vs the CPU reference, Triton compiled
-#   bash bench/gpu_checks.sh large     # update_speed: the 1.31B transformer, bf16, bf16_native (+SR)
-#   bash bench/gpu_checks.sh small     # update_speed: ResNet-50 (+buffers), ViT-B/16, 2048 tiny tensors
+#   bash bench/gpu_checks.sh large     # update_speed: the 1.31B transformer and its bf16 twin
+#   bash bench/gpu_checks.sh native    # update_speed: bf16 weights in bf16 shadows (+SR)
+#   bash bench/gpu_checks.sh small     # update_speed: ResNet-50 (+buffers), ViT-B/16
+#   bash bench/gpu_checks.sh tiny      # update_speed: 2048 tiny tensors (fused compiles per tensor)
 #   bash bench/gpu_checks.sh train     # update_speed: the ViT-B/16 training-step share (+ side stream)
 #   bash bench/gpu_checks.sh offload   # offload_cost.py with the PCIe copy
+#
+# Each part stops itself after GPU_PART_LIMIT_S seconds (default 540), so that what it measured
+# is still copied to $OUT before the device call's own 600 s limit: update_speed.py rewrites its
+# JSON after every workload (marked "complete": false until the end).
 #
 # Needs torch with CUDA, triton, pytest, hypothesis, numpy and safetensors (the GPU image has them).
 # The peers torch-ema and ema-pytorch (pure Python) travel in an ignored folder, made here with
@@ -20,20 +26,32 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src:build/bench_peers${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 day=$(date -u +%F)
-part=${1:?usage: bash bench/gpu_checks.sh tests|large|small|train|offload}
-speed() { $PY bench/update_speed.py --device cuda "$@"; }
+part=${1:?usage: bash bench/gpu_checks.sh tests|large|native|small|tiny|train|offload}
+limit=${GPU_PART_LIMIT_S:-540}
+bounded() { timeout "$limit" "$@" || echo "gpu_checks: '$*' ended with status $?" >&2; }
+speed() {
+    local name=$1
+    shift
+    bounded $PY bench/update_speed.py --device cuda "$@" \
+        --out "bench/results/update_speed_cuda_${day}_${name}.json"
+}
 
 case "$part" in
     tests)
-        $PY -m pytest -q -p no:logging -p no:cacheprovider tests/test_ema_modes.py \
+        bounded $PY -m pytest -q -p no:logging -p no:cacheprovider tests/test_ema_modes.py \
             tests/test_kernels.py tests/test_triton.py tests/test_tf.py tests/test_ema.py \
             2>&1 | tee "bench/results/gpu_tests_$day.log"
         ;;
-    large) speed --workloads transformer bf16 bf16_native --out "bench/results/update_speed_cuda_${day}_large.json" ;;
-    small) speed --workloads resnet50 resnet50_buffers vit_b16 many_tiny --out "bench/results/update_speed_cuda_${day}_small.json" ;;
-    train) speed --workloads --train-step --out "bench/results/update_speed_cuda_${day}_train.json" ;;
-    offload) $PY bench/offload_cost.py --device cuda ;;
-    *) echo "unknown part '$part'; expected tests, large, small, train or offload" >&2; exit 2 ;;
+    large) speed large --workloads transformer bf16 ;;
+    native) speed native --workloads bf16_native ;;
+    small) speed small --workloads resnet50 resnet50_buffers vit_b16 ;;
+    tiny) speed tiny --workloads many_tiny ;;
+    train) speed train --workloads --train-step ;;
+    offload) bounded $PY bench/offload_cost.py --device cuda ;;
+    *)
+        echo "unknown part '$part'; expected tests, large, native, small, tiny, train or offload" >&2
+        exit 2
+        ;;
 esac
 
 if [[ -n "${OUT:-}" ]]; then

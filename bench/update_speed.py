@@ -1430,72 +1430,35 @@ def select_specs(patterns: list[str] | None) -> list[Spec]:
     return chosen
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.list:
-        for name, fn in WORKLOADS.items():
-            print(f"{name:18s} {fn.__name__}")
-        for s in SPECS:
-            print(s.key)
-        return {}
-    if args.device == "cpu":
-        torch.set_num_threads(args.threads)
-    _TIMM["path"] = args.timm_file
-    _CPU_FUSED["policy"] = args.cpu_fused
-    specs = select_specs(args.impls)
-    started = utc_now()
-    t_start = time.perf_counter()
-    torch.manual_seed(0)
-    load_start = _load_avg()
-    if args.device == "cpu" and load_start and load_start[0] > 0.5:
-        print(
-            f"warning: load average {load_start[0]:.2f} before the run; other processes on "
-            f"this machine's {os.cpu_count()} cores will slow and scatter the CPU timings",
-            file=sys.stderr,
-        )
-
-    probe_bytes = (1 << 30) if args.device == "cuda" else (256 << 20)
-    probes = [copy_bandwidth(args.device, probe_bytes, reps=10)]
-    print(f"copy bandwidth: {probes[0]['best_bytes_per_s'] / 1e9:.1f} GB/s", file=sys.stderr)
-
-    all_rows: list[dict[str, Any]] = []
-    wl_info: list[dict[str, Any]] = []
-    for name in args.workloads:
-        t0 = time.perf_counter()
-        wl = WORKLOADS[name](args.device)
-        bw = max(p["best_bytes_per_s"] for p in probes)
-        rows = bench_workload(wl, specs, args, bw)
-        info = wl.summary()
-        info["polyak_auto_kernel"] = polyak_auto_kernel(wl)
-        info["floor_ms"] = info["bytes_per_update"] / bw * 1e3
-        wl_info.append(info)
-        all_rows += rows
-        del wl
-        _free_memory(args.device)
-        print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-
-    # a second probe at the end; the floor uses the best bandwidth seen in the run
-    probes.append(copy_bandwidth(args.device, probe_bytes, reps=10))
-    inplace = copy_bandwidth(args.device, probe_bytes, reps=10, op="add")
-    bw = max(p["best_bytes_per_s"] for p in probes)
-    for r in all_rows:
+def _apply_floors(rows: list[dict[str, Any]], workloads: list[dict[str, Any]], bw: float) -> None:
+    """Floors (and x floor) from the best bandwidth seen so far."""
+    for r in rows:
         if r["bytes_per_update"] is not None:
             r["floor_ms"] = r["bytes_per_update"] / bw * 1e3
             r["x_floor"] = r["ms_median"] / r["floor_ms"]
-    for w in wl_info:
+    for w in workloads:
         w["floor_ms"] = w["bytes_per_update"] / bw * 1e3
 
-    train = None
-    if args.train_step:
-        t0 = time.perf_counter()
-        extra = [s for s in TRAIN_EXTRA_SPECS if not args.impls or s.impl in args.impls]
-        train = train_step_bench(specs + extra, args)
-        print(f"train step: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
+def assemble(
+    args: argparse.Namespace,
+    run: dict[str, Any],
+    probes: list[dict[str, Any]],
+    inplace: dict[str, Any] | None,
+    workloads: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+    train: dict[str, Any] | None,
+    *,
+    complete: bool,
+) -> dict[str, Any]:
+    """The result document; ``complete`` is false for the copies written after each workload."""
+    bw = max(p["best_bytes_per_s"] for p in probes)
+    _apply_floors(rows, workloads, bw)
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "update_speed",
-        "date": started.isoformat(timespec="seconds"),
+        "complete": complete,
+        "date": run["started"].isoformat(timespec="seconds"),
         "machine": machine_info(args.device),
         "torch": torch.__version__,
         "peers": package_versions(PEER_PACKAGES),
@@ -1521,28 +1484,86 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "probes": sum(10 for _ in probes),
             "best_bytes_per_s": bw,
             "runs": probes,
-            "inplace_add_best_bytes_per_s": inplace["best_bytes_per_s"],
+            "inplace_add_best_bytes_per_s": inplace["best_bytes_per_s"] if inplace else None,
             "inplace_add_note": "dst.add_(src), 3 transfers; informational, not used for floors",
         },
-        "workloads": wl_info,
-        "rows": all_rows,
+        "workloads": workloads,
+        "rows": rows,
         "train_step": train,
-        "elapsed_s": round(time.perf_counter() - t_start, 1),
+        "elapsed_s": round(time.perf_counter() - run["t_start"], 1),
         # 1/5/15-minute load averages before and after: other processes skew CPU timings
-        "load_avg": {"start": load_start, "end": _load_avg()},
+        "load_avg": {"start": run["load_start"], "end": _load_avg()},
     }
     result["targets"] = evaluate_targets(result)
+    return result
 
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.list:
+        for name, fn in WORKLOADS.items():
+            print(f"{name:18s} {fn.__name__}")
+        for s in SPECS:
+            print(s.key)
+        return {}
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    _TIMM["path"] = args.timm_file
+    _CPU_FUSED["policy"] = args.cpu_fused
+    specs = select_specs(args.impls)
+    run = {"started": utc_now(), "t_start": time.perf_counter(), "load_start": _load_avg()}
+    torch.manual_seed(0)
+    load_start = run["load_start"]
+    if args.device == "cpu" and load_start and load_start[0] > 0.5:
+        print(
+            f"warning: load average {load_start[0]:.2f} before the run; other processes on "
+            f"this machine's {os.cpu_count()} cores will slow and scatter the CPU timings",
+            file=sys.stderr,
+        )
+    out = None
+    if not args.no_write:
+        day = run["started"].date().isoformat()
+        out = Path(args.out) if args.out else RESULTS_DIR / f"update_speed_{args.device}_{day}.json"
+
+    probe_bytes = (1 << 30) if args.device == "cuda" else (256 << 20)
+    probes = [copy_bandwidth(args.device, probe_bytes, reps=10)]
+    print(f"copy bandwidth: {probes[0]['best_bytes_per_s'] / 1e9:.1f} GB/s", file=sys.stderr)
+
+    all_rows: list[dict[str, Any]] = []
+    wl_info: list[dict[str, Any]] = []
+    for name in args.workloads:
+        t0 = time.perf_counter()
+        wl = WORKLOADS[name](args.device)
+        bw = max(p["best_bytes_per_s"] for p in probes)
+        rows = bench_workload(wl, specs, args, bw)
+        info = wl.summary()
+        info["polyak_auto_kernel"] = polyak_auto_kernel(wl)
+        wl_info.append(info)
+        all_rows += rows
+        del wl
+        _free_memory(args.device)
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        if out:  # what is done so far survives a run that is killed later (a device time limit)
+            partial = assemble(args, run, probes, None, wl_info, all_rows, None, complete=False)
+            write_json_atomic(out, partial)
+
+    # a second probe at the end; the floor uses the best bandwidth seen in the run
+    probes.append(copy_bandwidth(args.device, probe_bytes, reps=10))
+    inplace = copy_bandwidth(args.device, probe_bytes, reps=10, op="add")
+
+    train = None
+    if args.train_step:
+        t0 = time.perf_counter()
+        extra = [s for s in TRAIN_EXTRA_SPECS if not args.impls or s.impl in args.impls]
+        train = train_step_bench(specs + extra, args)
+        print(f"train step: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+
+    result = assemble(args, run, probes, inplace, wl_info, all_rows, train, complete=True)
     print(render_table(result))
     print()
     print(render_targets(result["targets"], args.device))
     print(f"\n(elapsed {result['elapsed_s']} s)")
-    if not args.no_write:
-        out = (
-            Path(args.out)
-            if args.out
-            else (RESULTS_DIR / f"update_speed_{args.device}_{started.date().isoformat()}.json")
-        )
+    if out:
         write_json_atomic(out, result)
         print(f"wrote {out}", file=sys.stderr)
     return result

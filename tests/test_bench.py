@@ -6,6 +6,7 @@ run there sees them.
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -109,3 +110,37 @@ def test_gpu_runs_check_the_gpu_targets(bench):
     assert fp32["verdict"] == "within noise"  # 1.044..1.062 holds the limit
     assert by_name["bf16 stochastic rounding <= 1.1x 6 B/elem floor"]["verdict"] == "met"
     assert not any("raw _foreach_lerp_" in t["target"] for t in targets)  # CPU-only targets
+
+
+def test_a_run_cut_short_keeps_the_workloads_it_finished(bench, tmp_path, monkeypatch):
+    """The JSON is rewritten after every workload, so a killed run still returns its data."""
+    _, us = bench
+    done: list[str] = []
+
+    def one_row(wl, specs, args, bandwidth):
+        if done:
+            raise KeyboardInterrupt  # the device call's time limit, in the second workload
+        done.append(wl.name)
+        return [
+            {
+                "workload": wl.name,
+                "impl": "polyak",
+                "kernel": "foreach",
+                "ms_median": 1.0,
+                "samples_ms": [1.0] * 4,
+                "bytes_per_update": 10**6,
+                "floor_ms": None,
+            }
+        ]
+
+    monkeypatch.setattr(us, "bench_workload", one_row)
+    monkeypatch.setattr(
+        us, "copy_bandwidth", lambda *a, **k: {"best_bytes_per_s": 1e10, "bytes": 1}
+    )
+    out = tmp_path / "run.json"
+    with pytest.raises(KeyboardInterrupt):
+        us.main(["--device", "cpu", "--workloads", "many_tiny", "resnet50", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["complete"] is False
+    assert [r["workload"] for r in saved["rows"]] == ["many_tiny"]
+    assert saved["rows"][0]["floor_ms"] == pytest.approx(0.1)  # 1e6 B at 1e10 B/s
