@@ -251,6 +251,13 @@ def test_fused_and_foreach_allocate_no_temporaries():
         update = _kernels.build(kernel, shadows, sources)
         update.lerp_(0.1)  # compile / warm up
         assert allocated_bytes(lambda u=update: u.lerp_(0.2)) <= 64, kernel
+    # stochastic rounding too: the random bits are made inside the fused loop, never stored
+    shadows = [s.clone() for s in sources]
+    rounded = _kernels.build("fused", shadows, sources, rounding="stochastic", seed=1)
+    rounded.lerp_(0.1)
+    assert allocated_bytes(lambda: rounded.lerp_(0.2)) <= 64
+    eager = _kernels.build("reference", shadows, sources, rounding="stochastic", seed=1)
+    assert allocated_bytes(lambda: eager.lerp_(0.2)) >= tensor_bytes // 3  # bits, fp32 values
     naive = [s.float() for s in sources]
     # the check is not vacuous: the naive upcast allocates a full fp32 copy
     assert (
