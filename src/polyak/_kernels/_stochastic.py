@@ -97,7 +97,7 @@ def round_to_bf16_bits(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
     ``bits16 < low16``). NaN and ±inf are left as they are. The Triton kernel computes this form.
     """
     raw = x.view(torch.int32)
-    b = torch.where(raw < 0, bits16 ^ 0xFFFF, bits16)
+    b = bits16 ^ ((raw >> 31) & 0xFFFF)  # raw >> 31 is -1 for x < 0 (arithmetic), else 0
     rounded = (raw + b) & -65536  # clear the low 16 bits (0xFFFF0000 as int32)
     rounded = torch.where(torch.isfinite(x), rounded, raw)
     return rounded.view(torch.float32).to(torch.bfloat16)
