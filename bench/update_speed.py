@@ -1459,11 +1459,8 @@ def assemble(
         "benchmark": "update_speed",
         "complete": complete,
         "date": run["started"].isoformat(timespec="seconds"),
-        "machine": machine_info(args.device),
-        "torch": torch.__version__,
-        "peers": package_versions(PEER_PACKAGES),
+        **run["meta"],
         "timm_ema_source": _TIMM.get("info") or _TIMM.get("error"),
-        "polyak": {**package_versions(["polyak"]), **git_commit()},
         "decay": DECAY,
         "settings": {
             "device": args.device,
@@ -1511,7 +1508,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _TIMM["path"] = args.timm_file
     _CPU_FUSED["policy"] = args.cpu_fused
     specs = select_specs(args.impls)
-    run = {"started": utc_now(), "t_start": time.perf_counter(), "load_start": _load_avg()}
+    # what the run measures (machine, versions, the commit) is read once, before the first number
+    run = {
+        "started": utc_now(),
+        "t_start": time.perf_counter(),
+        "load_start": _load_avg(),
+        "meta": {
+            "machine": machine_info(args.device),
+            "torch": torch.__version__,
+            "peers": package_versions(PEER_PACKAGES),
+            "polyak": {**package_versions(["polyak"]), **git_commit()},
+        },
+    }
     torch.manual_seed(0)
     load_start = run["load_start"]
     if args.device == "cpu" and load_start and load_start[0] > 0.5:
