@@ -28,9 +28,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from polyak._kernels._base import Update, compute_dtype
+from polyak._kernels._base import Update
 from polyak._kernels._engine import Engine
-from polyak._kernels._foreach import ForeachUpdate, check_device_weight
+from polyak._kernels._foreach import ForeachUpdate, check_device_weight, rounds_device_weight
 from polyak._kernels._fused import FusedUpdate
 from polyak._kernels._reference import ReferenceUpdate
 
@@ -62,9 +62,9 @@ def choose(
     """
     if rounding not in ROUNDING:
         raise ValueError(f"rounding must be one of {ROUNDING}, got rounding={rounding!r}.")
-    low = any(compute_dtype(t.dtype) != t.dtype for t in tensors)
+    dtypes = {t.dtype for t in tensors}
     if requested == "auto":
-        if rounding == "stochastic" or (capturable and low):
+        if rounding == "stochastic" or (capturable and rounds_device_weight(dtypes)):
             return "fused"
         on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
         return "fused" if on_cuda and _has_triton() else "foreach"
@@ -76,7 +76,7 @@ def choose(
             "kernel='fused' or 'auto' (or 'reference' for the slow per-tensor definition)."
         )
     if capturable and requested == "foreach":
-        check_device_weight({t.dtype for t in tensors})
+        check_device_weight(dtypes)
     if requested == "triton":
         if not _has_triton():
             raise ValueError(

@@ -14,13 +14,18 @@ SCRATCH_ELEMENTS = {"cpu": 1 << 20}
 SCRATCH_ELEMENTS_DEFAULT = 1 << 24
 
 
-def check_device_weight(dtypes: set[torch.dtype]) -> None:
-    """Refuse a device weight for bf16/fp16 shadows: ``_foreach_lerp_`` would round it to them.
+def rounds_device_weight(dtypes: set[torch.dtype]) -> list[str]:
+    """The shadow dtypes (bf16, fp16) to which ``_foreach_lerp_`` would round a device weight.
 
     ATen reads a Python-float weight in fp32 (``compute_dtype``), but casts a tensor weight to the
     list's dtype, and no multi-tensor op takes an fp32 weight for bf16 lists.
     """
-    low = sorted(str(d) for d in dtypes if compute_dtype(d) != d)
+    return sorted(str(d) for d in dtypes if compute_dtype(d) != d)
+
+
+def check_device_weight(dtypes: set[torch.dtype]) -> None:
+    """Refuse a device weight for bf16/fp16 shadows (see ``rounds_device_weight``)."""
+    low = rounds_device_weight(dtypes)
     if low:
         raise ValueError(
             f"kernel='foreach' cannot run a capturable update of {', '.join(low)} shadows: a "
