@@ -256,6 +256,36 @@ def test_offload_from_cuda_equals_inline():
 
 
 @needs_cuda
+@pytest.mark.parametrize("mode", [{"stream": "side"}, {"offload": "cpu"}], ids=["side", "offload"])
+def test_side_stream_reads_buffers_as_they_were_at_update(mode, monkeypatch):
+    """The forward pass after ``update()`` writes BatchNorm's statistics at once; a side stream that
+    is still busy must average (and copy) them as they were when ``update()`` was called.
+
+    The side stream is held back by a 10 ms device sleep after it has waited for the caller's
+    stream, so without a snapshot of the buffers it would read the next forward's statistics.
+    """
+    m1, m2 = net(device="cuda"), net(device="cuda")
+    inline = polyak.EMA(m1, decay=0.9)
+    other = polyak.EMA(m2, decay=0.9, **mode)
+    side, wait_stream = other._engine.stream, torch.cuda.Stream.wait_stream
+
+    def slow_wait_stream(stream, waited):
+        wait_stream(stream, waited)
+        if stream is side:
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(20_000_000)
+
+    monkeypatch.setattr(torch.cuda.Stream, "wait_stream", slow_wait_stream)
+    xs = torch.randn(4, 16, 6, device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    for model, ema in ((m1, inline), (m2, other)):
+        for x in xs:
+            ema.update()
+            model(x)  # train mode: writes running_mean, running_var, num_batches_tracked
+    # the device runs a compiled or foreach kernel, an offload ATen's CPU lerp: equal to rounding
+    assert_same_averages(inline, other, exact="stream" in mode)
+
+
+@needs_cuda
 @pytest.mark.parametrize("kernel", GPU_KERNELS)
 def test_cuda_graph_captured_training_step_equals_eager(kernel):
     """Capture forward, backward, optimizer step and EMA update; replay 100 times; compare."""

@@ -125,7 +125,8 @@ class EMA:
             RNG is never touched), so a run is reproducible.
         stream: ``None`` (inline) or ``"side"``: on CUDA, run the update on a side stream that
             overlaps the next forward pass; ``optimizer.step()`` and every read of the shadows wait
-            for it on the device (no host sync).
+            for it on the device (no host sync). Tracked tensors that are not ``nn.Parameter``
+            (buffers, which that forward pass writes) are first copied on the caller's stream.
         offload: ``None`` or ``"cpu"``: keep the shadows in pinned host memory and update them on
             a worker thread from a device-to-host copy, for shadows that do not fit on the GPU. At
             most one update is in flight; the next ``update()`` waits for the previous one.

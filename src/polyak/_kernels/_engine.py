@@ -13,6 +13,14 @@ execution policy chosen at construction:
   staging buffers on a side stream, and a worker thread waits for that copy and runs the CPU
   multi-tensor update. At most one update is in flight: the next call first waits for the previous
   one (bounded staleness), and reads of the shadows wait too.
+
+Only an optimizer writes an ``nn.Parameter`` between two updates, and ``optimizer.step()`` waits;
+the next forward pass writes buffers (BatchNorm's running statistics) while a side stream could
+still be reading them. So under ``side`` and ``offload`` every tracked tensor that is not an
+``nn.Parameter`` is first copied on the caller's stream, in order with that forward pass: into a
+device snapshot that the side stream reads (``side``), or straight into its pinned staging buffer
+(``offload``). Buffers are small (BatchNorm's are ~0.1% of a ResNet's weights); a plain tensor
+passed as a ``(name, tensor)`` pair costs a snapshot of its size.
 """
 
 from __future__ import annotations
@@ -27,6 +35,11 @@ import torch
 from polyak._kernels._base import Update
 
 POLICIES = ("inline", "side", "offload")
+
+
+def _optimizer_owned(tensor: torch.Tensor) -> bool:
+    """Whether only an optimizer writes ``tensor`` between updates (an ``nn.Parameter``)."""
+    return isinstance(tensor, torch.nn.Parameter)
 
 
 class Engine:
@@ -46,6 +59,8 @@ class Engine:
         self._event: Any = None
         self._future: Future[None] | None = None
         self._hook: Any = None
+        self.snap_dst: list[torch.Tensor] = []
+        self.snap_src: list[torch.Tensor] = []
         if policy == "inline":
             self.avg, self.copy = build_avg(*avg), build_copy(*copy)
             return
@@ -59,6 +74,11 @@ class Engine:
                 )
             self.stream = torch.cuda.Stream(device=sources[0].device)
             self._event = torch.cuda.Event()
+            self.snap_src = [t for t in sources if not _optimizer_owned(t)]
+            self.snap_dst = [torch.empty_like(t) for t in self.snap_src]
+            read = {id(t): s for t, s in zip(self.snap_src, self.snap_dst, strict=True)}
+            avg = (avg[0], [read.get(id(t), t) for t in avg[1]])
+            copy = (copy[0], [read.get(id(t), t) for t in copy[1]])
             self.avg, self.copy = build_avg(*avg), build_copy(*copy)
         else:  # offload: shadows live on the host; sources are staged into pinned host buffers
             self.stream = torch.cuda.Stream(device=sources[0].device) if cuda else None
@@ -66,8 +86,11 @@ class Engine:
             staged = [
                 torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda) for t in sources
             ]
-            self.sources = sources
-            self.staging = staged
+            self.sources, self.staging = [], []
+            for source, stage in zip(sources, staged, strict=True):
+                owned = _optimizer_owned(source) or not cuda
+                (self.sources if owned else self.snap_src).append(source)
+                (self.staging if owned else self.snap_dst).append(stage)
             n = len(avg[1])
             self.avg, self.copy = build_avg(avg[0], staged[:n]), build_copy(copy[0], staged[n:])
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyak-offload")
@@ -90,6 +113,9 @@ class Engine:
             self.avg.lerp_(weight)
             self.copy.copy_()
         elif self.policy == "side":
+            if self.snap_src:  # once the previous update has read the last snapshot
+                self.wait_device()
+                torch._foreach_copy_(self.snap_dst, self.snap_src)
             self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
             with torch.cuda.stream(self.stream):
                 self.avg.lerp_(weight)
@@ -98,9 +124,12 @@ class Engine:
         else:
             self.wait_host()  # bounded staleness: one update in flight at most
             if self.stream is not None:
+                if self.snap_src:  # buffers: on the caller's stream, before the next forward
+                    torch._foreach_copy_(self.snap_dst, self.snap_src, non_blocking=True)
                 self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-                with torch.cuda.stream(self.stream):
-                    torch._foreach_copy_(self.staging, self.sources, non_blocking=True)
+                if self.sources:
+                    with torch.cuda.stream(self.stream):
+                        torch._foreach_copy_(self.staging, self.sources, non_blocking=True)
                 self._event.record(self.stream)
             else:  # CPU sources: stage synchronously so the optimizer cannot race the worker
                 torch._foreach_copy_(self.staging, self.sources)
