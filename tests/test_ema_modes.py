@@ -93,6 +93,47 @@ def test_capturable_equals_eager_on_any_device(kernel, every):
     assert captured.state_dict()["step"] == 7
 
 
+@pytest.mark.parametrize(
+    "decay",
+    [
+        schedules.tf_warmup(0.95),  # at n = -10 its (1 + n) / (10 + n) divides by zero
+        schedules.inverse_gamma(),  # a negative base to a fractional power: NaN
+        schedules.scaled(schedules.tf_warmup(0.95), 2.5),
+    ],
+    ids=["tf_warmup", "inverse_gamma", "scaled"],
+)
+def test_capturable_long_update_every_stays_finite(decay):
+    """With ``update_every=k`` a capturable update evaluates the schedule at the k steps it covers
+    on every call; on the first calls some of them are not steps yet (n <= 0), where schedules
+    give inf or NaN. Those must not reach the weight: 0 * NaN is NaN, and one NaN weight turns
+    every shadow NaN for good."""
+    m1, m2 = net(), net()
+    eager = polyak.EMA(m1, decay=decay, update_every=12)
+    captured = polyak.EMA(m2, decay=decay, update_every=12, capturable=True)
+    run(m1, eager, 25)
+    run(m2, captured, 25)
+    assert captured.num_averages == 2
+    averaged = [n for n in eager.names() if eager.average(n).is_floating_point()]
+    assert_same_averages(eager, captured, exact=False, names=averaged)
+
+
+def test_capturable_resume_with_another_update_every():
+    """Loading a state saved with ``update_every=3`` into a capturable EMA built with 1 averages
+    every 3 steps with the decay multiplied over the 3 steps, as the eager EMA does."""
+    source = polyak.EMA(net(), decay=schedules.tf_warmup(0.99), update_every=3)
+    m1, m2 = net(), net()
+    eager = polyak.EMA(m1, decay=schedules.tf_warmup(0.99), update_every=1)
+    captured = polyak.EMA(m2, decay=schedules.tf_warmup(0.99), update_every=1, capturable=True)
+    for ema in (eager, captured):
+        ema.load_state_dict(source.state_dict())
+        assert ema.update_every == 3
+    run(m1, eager, 9)
+    run(m2, captured, 9)
+    assert captured.num_averages == eager.num_averages == 3
+    averaged = [n for n in eager.names() if eager.average(n).is_floating_point()]
+    assert_same_averages(eager, captured, exact=False, names=averaged)
+
+
 def test_capturable_bf16_shadows_read_the_device_weight_in_fp32():
     """Capturable bf16 shadows take ``fused`` (a foreach lerp would round the weight to bf16) and
     equal the eager EMA, whose Python-float weight ATen reads in fp32."""
@@ -125,6 +166,62 @@ def test_capturable_update_does_not_touch_the_host(monkeypatch):
 def test_capturable_rejects_python_callables():
     with pytest.raises(ValueError, match="a Python callable cannot do"):
         polyak.EMA(net(), decay=lambda step: 0.9, capturable=True)
+    # also inside a built-in schedule: scaled() would hand the device step to the callable
+    with pytest.raises(ValueError, match="a Python callable cannot do"):
+        polyak.EMA(net(), decay=schedules.scaled(lambda step: 0.9, 2), capturable=True)
+    polyak.EMA(net(), decay=schedules.scaled(schedules.tf_warmup(0.9), 2), capturable=True)
+
+
+def test_capturable_first_update_refuses_to_be_captured(monkeypatch):
+    """The first update compiles its kernel, which a CUDA graph capture cannot hold: it says so
+    (emulated here: this test pretends the current stream is capturing)."""
+    ema = polyak.EMA(net(), decay=0.9, capturable=True)
+
+    def capturing(on: bool) -> None:
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: on)
+        monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: on)
+
+    capturing(True)
+    with pytest.raises(RuntimeError, match=r"Call ema.update\(\) once before torch.cuda.graph"):
+        ema.update()
+    capturing(False)
+    ema.update()  # the warm-up, outside capture
+    capturing(True)
+    ema.update()  # now it may be captured
+    assert ema.step == 2
+    ema.to("cpu")  # a new plan compiles again at its first call
+    with pytest.raises(RuntimeError, match="is being captured"):
+        ema.update()
+
+
+def test_capturable_refuses_tensors_on_several_devices():
+    pairs = [("a", torch.zeros(3, requires_grad=True)), ("b", torch.zeros(3, device="meta"))]
+    with pytest.raises(ValueError, match=r"tracked tensors are on \['cpu', 'meta'\]"):
+        polyak.EMA(pairs, capturable=True)
+
+
+def test_capturable_reference_stochastic_keeps_its_stream_on_the_device():
+    """The reference kernel's stochastic stream (seed, counter) lives beside the shadows, so a
+    captured update advances it at every replay and never copies from the host."""
+    model = net()
+    ema = polyak.EMA(
+        model,
+        decay=0.999,
+        shadow_dtype=torch.bfloat16,
+        rounding="stochastic",
+        kernel="reference",
+        capturable=True,
+    )
+    plan, device = ema._engine.avg, ema.average("0.weight").device
+    assert set(plan.seeds) == set(plan.counters) == {device}
+    assert plan.seeds[device].device == plan.counters[device].device == device
+    other = net()
+    fused = polyak.EMA(
+        other, decay=0.999, shadow_dtype=torch.bfloat16, rounding="stochastic", capturable=True
+    )
+    run(model, ema, 3)
+    run(other, fused, 3)
+    assert_same_averages(ema, fused)
 
 
 def test_capturable_resume(tmp_path):
@@ -197,6 +294,75 @@ def test_gpu_update_never_syncs(kernel, dtype):
             ema.update()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", GPU_KERNELS)
+def test_gpu_capturable_update_never_syncs(kernel):
+    """The device-side decay (schedule, product over ``update_every`` steps) never syncs either."""
+    model = net(device="cuda")
+    ema = polyak.EMA(
+        model, decay=schedules.tf_warmup(0.99), kernel=kernel, capturable=True, update_every=3
+    )
+    ema.update()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(4):
+            ema.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert ema.step == 5
+
+
+@needs_cuda
+@pytest.mark.parametrize("kernel", [k for k in GPU_KERNELS if k != "foreach"])
+def test_gpu_stochastic_rounding_draws_the_cpu_stream(kernel):
+    """bf16 shadows rounded stochastically on the GPU use the random stream of the CPU reference:
+    only an element whose fp32 lerp differs by an ulp between devices (an FMA) may round apart,
+    and then by one bf16 ulp. A different stream would differ in about half the elements."""
+    cpu, gpu = net(), net(device="cuda")
+    options = {"decay": 0.999, "shadow_dtype": torch.bfloat16, "rounding": "stochastic"}
+    a = polyak.EMA(cpu, kernel="reference", **options)
+    b = polyak.EMA(gpu, kernel=kernel, **options)
+    for _ in range(3):
+        with torch.no_grad():
+            for p, q in zip(cpu.parameters(), gpu.parameters(), strict=True):
+                p.add_(0.01)
+                q.add_(0.01)
+        a.update()
+        b.update()
+    for name in a.names():
+        x, y = a.average(name), b.average(name).cpu()
+        if not x.is_floating_point():
+            continue
+        apart = x != y
+        assert apart.float().mean() <= 0.01, name
+        ulp = (x.float().abs() * 2.0**-7).clamp(min=2.0**-126)
+        assert ((x.float() - y.float()).abs() <= ulp)[apart].all(), name
+
+
+@needs_cuda
+def test_side_stream_ema_lets_another_step_be_captured():
+    """A side-stream EMA waits before every optimizer.step() through a global hook; a step being
+    captured (here of another model) must not wait on an event from outside its graph."""
+    polyak.EMA(net(device="cuda"), decay=0.9, stream="side").update()
+    model = net(device="cuda")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(16, 6, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            model(x).pow(2).mean().backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        model(x).pow(2).mean().backward()
+        opt.step()
+    graph.replay()
+    torch.cuda.synchronize()
 
 
 @needs_cuda

@@ -58,6 +58,13 @@ def _as_schedule(decay: DecayLike) -> Callable[[int], Any]:
     return schedules.constant(decay)  # validates the range
 
 
+def _takes_device_steps(schedule: Callable[[int], Any]) -> bool:
+    """Whether ``schedule`` is built from polyak's schedules only, which accept a step tensor."""
+    if isinstance(schedule, schedules.Scaled) and callable(schedule.base):
+        return _takes_device_steps(schedule.base)
+    return isinstance(schedule, schedules.Schedule)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -133,7 +140,13 @@ class EMA:
         capturable: keep the step counter on the device and compute the decay there, so that
             ``update()`` can be captured in a CUDA graph (built-in schedules only; with
             ``update_every=k`` the lerp runs every call with weight 0 off the k-th steps, and copied
-            buffers are copied every call). :attr:`step` is read from the device when asked for.
+            buffers are copied every call, as is the stochastic-rounding stream advanced: unbiased
+            as ever, but not the bits of a non-capturable run). :attr:`step` is read from the
+            device when asked for. Call ``update()`` once before capturing (the kernels compile at
+            their first call), as capturable optimizers are warmed up. A graph keeps the storage
+            it was captured with: to run a captured forward on the averages, use ``store()``,
+            ``copy_to()`` and ``restore()`` (copies in place), not ``swapped()`` (which re-points
+            the parameters). All tracked tensors must be on one device.
 
     The tracked set is fixed at construction. ``EMA`` is a plain object, not an ``nn.Module``: stored
     as a model attribute it does not add the shadows to the model's state dict.
@@ -195,7 +208,7 @@ class EMA:
                 "it cannot be combined with stream='side' or offload='cpu'."
             )
         self.schedule = _as_schedule(decay)
-        if capturable and not isinstance(self.schedule, schedules.Schedule):
+        if capturable and not _takes_device_steps(self.schedule):
             raise ValueError(
                 f"capturable=True evaluates the decay on the device, which a Python callable "
                 f"cannot do (got {self.schedule!r}); use a built-in schedule from polyak.schedules, "
@@ -218,6 +231,15 @@ class EMA:
         else:
             self.model = None
             named = self._named_pairs(model, include)
+
+        if capturable:
+            devices = sorted({str(t.device) for _, t, _ in named})
+            if len(devices) > 1:
+                raise ValueError(
+                    f"capturable=True keeps one step counter and decay on one device, but the "
+                    f"tracked tensors are on {devices}; track each device's tensors with an EMA "
+                    f"of its own, or leave capturable=False."
+                )
 
         # name -> live tensor (the Parameter/buffer object itself, so .data swaps are seen)
         self._live: dict[str, torch.Tensor] = {}
@@ -338,6 +360,7 @@ class EMA:
     def _plan(self) -> None:
         """Build the engine (kernel plans and execution policy); at init and when shadows move."""
         policy = "offload" if self.offload else ("side" if self.stream else "inline")
+        self._warm = False  # whether the new plan ran once (it compiles then): not in a capture
         self._engine = _kernels.Engine(
             _kernels.builder(self.kernel, rounding=self.rounding, seed=self.seed),
             _kernels.builder("foreach" if self.kernel in ("fused", "triton") else self.kernel),
@@ -401,6 +424,15 @@ class EMA:
                 f"ema.use_trained(), or model.train() after bind_to_mode) before updating."
             )
         if self.capturable:
+            if not self._warm:
+                if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+                    raise RuntimeError(
+                        "the first capturable ema.update() is being captured in a CUDA graph, but "
+                        "its kernel compiles (and plans) at that first call, which capture does "
+                        "not allow. Call ema.update() once before torch.cuda.graph(...), e.g. in "
+                        "the warm-up steps that capturable optimizers need too."
+                    )
+                self._warm = True
             with torch.no_grad():
                 self._engine.run(self._device_weight())
             return
@@ -426,15 +458,20 @@ class EMA:
                 self._bn_monitor.check()
 
     def _device_weight(self) -> torch.Tensor:
-        """``1 - prod(decay(s))`` over the covered steps, on the device (0 off the k-th steps)."""
+        """``1 - prod(decay(s))`` over the covered steps, on the device (0 off the k-th steps).
+
+        Off the k-th steps the covered steps may not exist yet (``s <= 0``), where a schedule can
+        give inf or NaN; they are clamped to 1, and the weight is selected, not masked by a
+        product (``0 * nan`` is ``nan``).
+        """
         self._step_t.add_(1)
-        steps = (self._step_t - self._covered).to(torch.float64)
+        steps = (self._step_t - self._covered).clamp_(min=1).to(torch.float64)
         decays = self.schedule(steps)
         if not isinstance(decays, torch.Tensor):  # constant schedules return a float
             decays = torch.full_like(steps, float(decays))
         due = (self._step_t % self.update_every) == 0
         self._num_t.add_(due.to(torch.int64))
-        return (1 - decays.prod()) * due
+        return torch.where(due, 1 - decays.prod(), 0.0)
 
     @property
     def decay(self) -> float:
@@ -777,6 +814,8 @@ class EMA:
         self.step = int(state["step"])
         self.num_averages = int(state.get("num_averages", 0))
         self.update_every = int(state.get("update_every", self.update_every))
+        if self.capturable:  # the steps one averaging update covers, for _device_weight
+            self._covered = torch.arange(self.update_every - 1, -1, -1, device=self._step_t.device)
         stored = schedules.from_state(state.get("schedule", {"name": "callable"}))
         if stored is not None:
             self.schedule = stored

@@ -101,7 +101,9 @@ class Engine:
 
             def wait_before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
                 engine = ref()
-                if engine is not None:
+                # the hook is global: a step being captured (another model's) cannot wait on an
+                # event recorded outside its graph, and an eager update never runs inside one
+                if engine is not None and not torch.cuda.is_current_stream_capturing():
                     engine.wait_device()
 
             self._hook = torch.optim.optimizer.register_optimizer_step_pre_hook(wait_before_step)

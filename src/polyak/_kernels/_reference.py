@@ -27,22 +27,29 @@ class ReferenceUpdate:
         self.sources = sources
         self.stochastic = stochastic
         if stochastic:
-            self.seed = torch.tensor(seed, dtype=torch.int64)
-            self.counter = torch.zeros((), dtype=torch.int64)
+            # the stream's state lives beside the shadows: a captured update advances it on the
+            # device at every replay, and no update copies it from the host
+            devices = {s.device for s in shadows}
+            self.seeds = {d: torch.tensor(seed, dtype=torch.int64, device=d) for d in devices}
+            self.counters = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices}
+            self.weights = {d: torch.zeros((), dtype=torch.float32, device=d) for d in devices}
             self.offsets = segment_offsets(shadows)
 
     def lerp_(self, weight: float | torch.Tensor) -> None:
         if self.stochastic:
-            self.counter.add_(1)
+            for device, counter in self.counters.items():
+                counter.add_(1)
+                if not isinstance(weight, torch.Tensor):
+                    self.weights[device].fill_(weight)
         for index, (shadow, source) in enumerate(zip(self.shadows, self.sources, strict=True)):
             if self.stochastic:
-                w = torch.as_tensor(weight, dtype=torch.float32, device=shadow.device)
+                device = shadow.device
                 stochastic_lerp_(
                     shadow,
                     source,
-                    w,
-                    self.seed.to(shadow.device),
-                    self.counter.to(shadow.device),
+                    weight if isinstance(weight, torch.Tensor) else self.weights[device],
+                    self.seeds[device],
+                    self.counters[device],
                     self.offsets[index],
                 )
             elif isinstance(weight, torch.Tensor):  # as ATen reads a float one (compute_dtype)
