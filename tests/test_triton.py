@@ -284,6 +284,36 @@ def test_clear_errors():
             os.environ["TRITON_INTERPRET"] = old
 
 
+@pytest.mark.skipif(not CUDA, reason="host syncs are a GPU matter")
+def test_tables_are_rebuilt_without_a_host_sync():
+    model = nn.Linear(64, 64).cuda()
+    ema = polyak.EMA(model, decay=0.5, kernel="triton")
+    ema.update()
+    with torch.no_grad():
+        model.weight.data = model.weight.data + 1.0  # new storage: the tables are rebuilt
+    want = (ema.average("weight") + model.weight.detach()) / 2
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ema.update()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(ema.average("weight"), want)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernel_runs_on_the_tensors_device_not_the_current_one():
+    model = nn.Linear(64, 64).to("cuda:1")
+    ema = polyak.EMA(model, decay=0.5, kernel="triton")
+    ref = polyak.EMA(model, decay=0.5, kernel="reference")
+    with torch.cuda.device(0):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update()
+        ref.update()
+    torch.testing.assert_close(ema.average("weight"), ref.average("weight"))
+
+
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_triton_update_captures_in_a_cuda_graph():
     model = nn.Linear(256, 256).cuda()
@@ -318,27 +348,30 @@ signature.update(block_tensor="*i32", weight_ptr="*fp64")
 names = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
 out = {}
 for case in sys.argv[1:]:
-    shadow, source, stochastic, aligned = case.split("-")
+    shadow, source, stochastic, aligned, *debug = case.split("-")
     constexprs = dict(SHADOW=names[shadow], SOURCE=names[source],
                       COMPUTE=tl.float64 if shadow == "fp64" else tl.float32,
                       STOCHASTIC=stochastic == "sr", ALIGNED=aligned == "aligned",
                       BLOCK=_triton.BLOCK)
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
     kernel = triton.compile(ASTSource(fn=_triton._lerp_kernel, signature=sig, constexprs=constexprs),
-                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+                            target=GPUTarget("cuda", 90, 32),
+                            options=dict(_triton.LAUNCH_OPTIONS, debug=bool(debug)))
     ptx = kernel.asm["ptx"]
     out[case] = {"ld128": ptx.count("ld.global.v4") + ptx.count("ld.global.v2.b64")
                  + ptx.count("ld.global.v2.f64"),
                  "st128": ptx.count("st.global.v4") + ptx.count("st.global.v2.b64")
                  + ptx.count("st.global.v2.f64"),
+                 "asserts": ptx.count("__assertfail"),
                  "cubin": len(kernel.asm["cubin"])}
 print(json.dumps(out))
 """
 
 
 def test_kernel_compiles_for_hopper_with_128_bit_accesses(tmp_path):
-    """Without a GPU: Triton compiles every variant to sm_90 machine code (its bundled ptxas), and
-    whole blocks of aligned tensors use 128-bit loads and stores (the bandwidth-bound pattern)."""
+    """Without a GPU: Triton compiles every variant to sm_90 machine code (its bundled ptxas) with
+    the options of the real launch, whole blocks of aligned tensors use 128-bit loads and stores
+    (the bandwidth-bound pattern), and a debug build asserts nothing in the random stream."""
     import importlib.util
     import json
     import subprocess
@@ -348,7 +381,7 @@ def test_kernel_compiles_for_hopper_with_128_bit_accesses(tmp_path):
         pytest.skip("this triton has no NVIDIA backend")
     cases = ["fp32-fp32-rn-aligned", "fp32-bf16-rn-aligned", "bf16-bf16-sr-aligned",
              "bf16-fp32-sr-aligned", "fp64-fp64-rn-aligned", "fp16-fp16-rn-aligned",
-             "fp32-fp32-rn-unaligned"]  # fmt: skip
+             "fp32-fp32-rn-unaligned", "bf16-bf16-sr-aligned-debug"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(polyak.__file__).parents[1]),
@@ -360,7 +393,10 @@ def test_kernel_compiles_for_hopper_with_128_bit_accesses(tmp_path):
     counts = json.loads(done.stdout.strip().splitlines()[-1])
     for case in cases:
         assert counts[case]["cubin"] > 0, case
-        if case.endswith("-aligned"):
+        if "-aligned" in case:
             assert counts[case]["ld128"] > 0 and counts[case]["st128"] > 0, (case, counts[case])
     # unaligned addresses: no 128-bit access may be assumed
     assert counts["fp32-fp32-rn-unaligned"]["ld128"] == 0
+    # TRITON_DEBUG=1 compiles in device asserts, but none for the random stream's wrapping 32-bit
+    # multiplies (they would fire on nearly every element): LAUNCH_OPTIONS turns that check off
+    assert counts["bf16-bf16-sr-aligned-debug"]["asserts"] == 0

@@ -17,15 +17,27 @@ Per element, in the shadow's compute precision (fp32, or fp64 for fp64 shadows),
 then rounded to the shadow dtype: to nearest, or stochastically into bf16 with exactly the random
 stream of :mod:`._stochastic` (same seed, counter and element offsets give the same bits).
 
-Because Triton takes addresses, not tensors, every update compares the tensors' current addresses
-with the planned ones (one ``data_ptr()`` per tensor on the host, no device work) and rebuilds the
-tables when the model's storage moved (``model.to()``, ``param.data = ...``). Runs on CUDA tensors,
-and on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's interpreter; how CI tests this file).
+Because Triton takes addresses, not tensors, every update compares the sources' current addresses
+with the planned ones (one ``data_ptr()`` per weight on the host, about 0.07 µs each, no device
+work; the shadows belong to the EMA, which replans when it moves them) and rebuilds the tables when
+the model's storage moved (``model.to()``, ``param.data = ...``), by an asynchronous copy from
+pinned memory. Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (Triton's
+interpreter; how CI tests this file).
+
+Compile options, fixed here rather than left to the Triton version (:data:`LAUNCH_OPTIONS`):
+``sanitize_overflow=False``, since the random stream relies on 32-bit multiplies wrapping, which
+``TRITON_DEBUG=1`` would otherwise turn into device-side asserts; and ``enable_fp_fusion=True``
+(``s + w * diff`` is one FMA, as in ATen's CUDA lerp), the default that Triton 3.10 changes.
+
+Known limits: one tensor whose address is not 16-byte aligned turns off 128-bit accesses for its
+whole group; the random stream's element index is 32-bit, so in models of more than 2**32 averaged
+elements, elements 2**32 apart draw the same bits (each still unbiased), as in the other kernels.
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 
 import torch
 import triton
@@ -38,6 +50,7 @@ from polyak._kernels._base import (
 )
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps, four 128-bit fp32 loads
+LAUNCH_OPTIONS = {"num_warps": 4, "sanitize_overflow": False, "enable_fp_fusion": True}
 
 _TL_DTYPES = {
     torch.float64: tl.float64,
@@ -166,6 +179,18 @@ def _addresses(tensors: list[torch.Tensor]) -> tuple[int, ...]:
     return tuple(map(torch.Tensor.data_ptr, tensors))
 
 
+def _fill(table: torch.Tensor, values: list[int] | tuple[int, ...]) -> None:
+    """``table[:] = values`` without blocking the host: from pinned memory when on CUDA."""
+    host = torch.tensor(values, dtype=table.dtype, pin_memory=table.is_cuda)
+    table.copy_(host, non_blocking=table.is_cuda)
+
+
+def _table(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    table = torch.empty(len(values), dtype=dtype, device=device)
+    _fill(table, values)
+    return table
+
+
 def _dense_alike(shadow: torch.Tensor, source: torch.Tensor) -> bool:
     """Both cover one dense block of memory in the same element order (so flat indexing works)."""
     if shadow.shape != source.shape or shadow.stride() != source.stride():
@@ -189,25 +214,29 @@ class _Group:
         numels = [s.numel() for s in shadows]
         blocks = [triton.cdiv(n, BLOCK) for n in numels]
         self.n_blocks = sum(blocks)
-        on = {"device": self.device}
-        self.numels = torch.tensor(numels, dtype=torch.int64, **on)
-        self.stream_starts = torch.tensor(starts, dtype=torch.int64, **on)
-        self.block_tensor = torch.repeat_interleave(
-            torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks)
-        ).to(**on)
-        first = torch.tensor([0, *blocks[:-1]]).cumsum(0)
-        within = torch.arange(self.n_blocks) - first.repeat_interleave(torch.tensor(blocks))
-        self.block_start = (within * BLOCK).to(dtype=torch.int64, **on)
-        self.planned: tuple[tuple[int, ...], tuple[int, ...]] = ((), ())
-        self.shadow_ptrs = torch.empty(len(shadows), dtype=torch.int64, **on)
-        self.source_ptrs = torch.empty(len(sources), dtype=torch.int64, **on)
+        block_tensor = [i for i, n in enumerate(blocks) for _ in range(n)]
+        block_start = [b * BLOCK for n in blocks for b in range(n)]
+        self.numels = _table(numels, torch.int64, self.device)
+        self.stream_starts = _table(starts, torch.int64, self.device)
+        self.block_tensor = _table(block_tensor, torch.int32, self.device)
+        self.block_start = _table(block_start, torch.int64, self.device)
+        self.shadow_ptrs = _table(list(_addresses(shadows)), torch.int64, self.device)
+        self.source_ptrs = torch.empty(len(sources), dtype=torch.int64, device=self.device)
+        self.shadow_aligned = all(a % 16 == 0 for a in _addresses(shadows))
+        self.planned: tuple[int, ...] = ()
         self.refresh()
 
     def refresh(self) -> None:
-        """Point the tables at the tensors' current storage, if it moved since the last update."""
-        now = (_addresses(self.shadows), _addresses(self.sources))
+        """Point the tables at the sources' current storage, if it moved since the last update."""
+        now = _addresses(self.sources)
         if now == self.planned:
             return
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "the model's weights moved to new storage (param.data = ..., model.to()) since "
+                "the last update, and a CUDA graph is being captured: the Triton kernel's address "
+                "tables cannot be rebuilt inside a capture. Run one ema.update() before capturing."
+            )
         for shadow, source in zip(self.shadows, self.sources, strict=True):
             if (
                 source.dtype != self.source_dtype
@@ -221,9 +250,8 @@ class _Group:
                     f"call ema.to(device) after moving the model, or build the EMA after "
                     f"changing dtypes or memory formats."
                 )
-        self.shadow_ptrs.copy_(torch.tensor(now[0], dtype=torch.int64))
-        self.source_ptrs.copy_(torch.tensor(now[1], dtype=torch.int64))
-        self.aligned = all(address % 16 == 0 for address in now[0] + now[1])
+        _fill(self.source_ptrs, now)
+        self.aligned = self.shadow_aligned and all(address % 16 == 0 for address in now)
         self.planned = now
 
 
@@ -265,27 +293,32 @@ class TritonUpdate:
             for counter in self.counters.values():
                 counter.add_(1)
         for group in self.groups:
-            group.refresh()
-            if not group.n_blocks:
-                continue
-            device = group.device
-            _lerp_kernel[(group.n_blocks,)](
-                group.shadow_ptrs,
-                group.source_ptrs,
-                group.numels,
-                group.stream_starts,
-                group.block_tensor,
-                group.block_start,
-                weight if isinstance(weight, torch.Tensor) else self.weights[device],
-                self.seeds[device],
-                self.counters[device],
-                SHADOW=_TL_DTYPES[group.shadow_dtype],
-                SOURCE=_TL_DTYPES[group.source_dtype],
-                COMPUTE=group.compute,
-                STOCHASTIC=self.stochastic,
-                ALIGNED=group.aligned,
-                BLOCK=BLOCK,
-            )
+            # Triton launches on the current device: make it the group's
+            with torch.cuda.device(group.device) if group.device.type == "cuda" else nullcontext():
+                group.refresh()
+                if group.n_blocks:
+                    self._launch(group, weight)
+
+    def _launch(self, group: _Group, weight: float | torch.Tensor) -> None:
+        device = group.device
+        _lerp_kernel[(group.n_blocks,)](
+            group.shadow_ptrs,
+            group.source_ptrs,
+            group.numels,
+            group.stream_starts,
+            group.block_tensor,
+            group.block_start,
+            weight if isinstance(weight, torch.Tensor) else self.weights[device],
+            self.seeds[device],
+            self.counters[device],
+            SHADOW=_TL_DTYPES[group.shadow_dtype],
+            SOURCE=_TL_DTYPES[group.source_dtype],
+            COMPUTE=group.compute,
+            STOCHASTIC=self.stochastic,
+            ALIGNED=group.aligned,
+            BLOCK=BLOCK,
+            **LAUNCH_OPTIONS,
+        )
 
     def copy_(self) -> None:
         if self.all_shadows:
