@@ -282,29 +282,22 @@ def test_side_stream_needs_cuda():
 
 @needs_cuda
 @pytest.mark.parametrize("kernel", GPU_KERNELS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_update_never_syncs(kernel, dtype):
+@pytest.mark.parametrize(
+    ("dtype", "capturable"),
+    [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)],
+    ids=["fp32", "bf16", "fp32-capturable"],
+)
+def test_gpu_update_never_syncs(kernel, dtype, capturable):
+    """Nor does the capturable update's device-side decay (schedule, product over k steps)."""
     model = net(dtype=dtype, device="cuda")
-    ema = polyak.EMA(model, decay=schedules.tf_warmup(0.99), kernel=kernel)
-    ema.update()  # compile / warm up outside the check
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        for _ in range(3):
-            ema.update()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-
-
-@needs_cuda
-@pytest.mark.parametrize("kernel", GPU_KERNELS)
-def test_gpu_capturable_update_never_syncs(kernel):
-    """The device-side decay (schedule, product over ``update_every`` steps) never syncs either."""
-    model = net(device="cuda")
     ema = polyak.EMA(
-        model, decay=schedules.tf_warmup(0.99), kernel=kernel, capturable=True, update_every=3
+        model,
+        decay=schedules.tf_warmup(0.99),
+        kernel=kernel,
+        capturable=capturable,
+        update_every=3 if capturable else 1,
     )
-    ema.update()
+    ema.update()  # compile / warm up outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
