@@ -41,6 +41,17 @@ def run(model, ema, steps, seed=1):
         ema.update()
 
 
+def step_both(m1, m2, ema1, ema2, steps):
+    """Move both models' weights alike (0.01 per step) and update both EMAs."""
+    for _ in range(steps):
+        with torch.no_grad():
+            for p, q in zip(m1.parameters(), m2.parameters(), strict=True):
+                p.add_(0.01)
+                q.add_(0.01)
+        ema1.update()
+        ema2.update()
+
+
 def assert_same_averages(a, b, exact=True, names=None):
     assert a.names() == b.names()
     for name in names if names is not None else a.names():
@@ -318,13 +329,7 @@ def test_gpu_stochastic_rounding_draws_the_cpu_stream(kernel):
     options = {"decay": 0.999, "shadow_dtype": torch.bfloat16, "rounding": "stochastic"}
     a = polyak.EMA(cpu, kernel="reference", **options)
     b = polyak.EMA(gpu, kernel=kernel, **options)
-    for _ in range(3):
-        with torch.no_grad():
-            for p, q in zip(cpu.parameters(), gpu.parameters(), strict=True):
-                p.add_(0.01)
-                q.add_(0.01)
-        a.update()
-        b.update()
+    step_both(cpu, gpu, a, b, 3)
     for name in a.names():
         x, y = a.average(name), b.average(name).cpu()
         if not x.is_floating_point():
@@ -381,13 +386,7 @@ def test_gpu_kernels_match_cpu_reference(kernel):
     cpu, gpu = net(), net(device="cuda")
     a = polyak.EMA(cpu, decay=0.9, kernel="reference")
     b = polyak.EMA(gpu, decay=0.9, kernel=kernel)
-    for _ in range(3):
-        with torch.no_grad():
-            for p, q in zip(cpu.parameters(), gpu.parameters(), strict=True):
-                p.add_(0.01)
-                q.add_(0.01)
-        a.update()
-        b.update()
+    step_both(cpu, gpu, a, b, 3)
     assert_same_averages(a, b, exact=False)
 
 
