@@ -11,16 +11,16 @@
 #   bash bench/gpu_checks.sh train     # update_speed: the ViT-B/16 training-step share (+ side stream)
 #   bash bench/gpu_checks.sh offload   # offload_cost.py with the PCIe copy
 #
-# Each part stops itself after GPU_PART_LIMIT_S seconds (default 540), so that what it measured
-# is still copied to $OUT before the device call's own 600 s limit: update_speed.py rewrites its
-# JSON after every workload (marked "complete": false until the end).
+# Each part stops itself after GPU_PART_LIMIT_S seconds (default 540; lower it when the device
+# budget left is shorter), and writes straight into $OUT: update_speed.py rewrites its JSON after
+# every workload (marked "complete": false until the end), so a call cut short keeps what it had.
 #
 # Needs torch with CUDA, triton, pytest, hypothesis, numpy and safetensors (the GPU image has them).
 # The peers torch-ema and ema-pytorch (pure Python) travel in an ignored folder, made here with
 #     pip install --no-deps --target build/bench_peers torch-ema ema-pytorch timm
 # and carried to the device (carry ["build/bench_peers"]); timm's EMA file is loaded by path.
-# Results land in bench/results/ and, when $OUT is set (the device tool's output folder), are
-# copied there too, to be committed.
+# Results land in $OUT (the device tool's output folder) when it is set, else in bench/results/;
+# copy them into bench/results/ to commit them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="src:build/bench_peers${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -28,33 +28,33 @@ PY=${PYTHON:-python3}
 day=$(date -u +%F)
 part=${1:?usage: bash bench/gpu_checks.sh tests|large|native|small|tiny|train|offload}
 limit=${GPU_PART_LIMIT_S:-540}
-bounded() { timeout "$limit" "$@" || echo "gpu_checks: '$*' ended with status $?" >&2; }
+# results go straight to $OUT when set: a device call cut short still returns what was written
+dest=${OUT:-bench/results}
+bounded() { timeout -k 10 "$limit" "$@" || echo "gpu_checks: '$*' ended with status $?" >&2; }
 speed() {
     local name=$1
     shift
     bounded $PY bench/update_speed.py --device cuda "$@" \
-        --out "bench/results/update_speed_cuda_${day}_${name}.json"
+        --out "$dest/update_speed_cuda_${day}_${name}.json"
 }
 
 case "$part" in
     tests)
         bounded $PY -m pytest -q -p no:logging -p no:cacheprovider tests/test_ema_modes.py \
             tests/test_kernels.py tests/test_triton.py tests/test_tf.py tests/test_ema.py \
-            2>&1 | tee "bench/results/gpu_tests_$day.log"
+            2>&1 | tee "$dest/gpu_tests_$day.log"
         ;;
     large) speed large --workloads transformer bf16 ;;
     native) speed native --workloads bf16_native ;;
     small) speed small --workloads resnet50 resnet50_buffers vit_b16 ;;
     tiny) speed tiny --workloads many_tiny ;;
     train) speed train --workloads --train-step ;;
-    offload) bounded $PY bench/offload_cost.py --device cuda ;;
+    offload)
+        bounded $PY bench/offload_cost.py --device cuda
+        [[ -n "${OUT:-}" ]] && cp bench/results/offload_cost_cuda_"$day"*.json "$OUT"/ || true
+        ;;
     *)
         echo "unknown part '$part'; expected tests, large, native, small, tiny, train or offload" >&2
         exit 2
         ;;
 esac
-
-if [[ -n "${OUT:-}" ]]; then
-    find bench/results -type f \( -name "*cuda*$day*" -o -name "gpu_tests_$day.log" \) \
-        -exec cp {} "$OUT"/ \;
-fi

@@ -837,8 +837,12 @@ def _free_memory(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-class WarmupTimeout(Exception):
-    """Raised (by SIGALRM) when an implementation's warm-up overruns ``--compile-budget-s``."""
+class WarmupTimeout(BaseException):
+    """Raised (by SIGALRM) when an implementation's warm-up overruns ``--compile-budget-s``.
+
+    A ``BaseException``, so that no ``except Exception`` inside torch.compile or Triton can swallow
+    it; the alarm also repeats every second until the warm-up has ended.
+    """
 
 
 @contextmanager
@@ -866,7 +870,7 @@ def deadline(seconds: float) -> Iterator[None]:
         raise WarmupTimeout(f"warm-up exceeded --compile-budget-s {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    signal.setitimer(signal.ITIMER_REAL, seconds, 1.0)
     try:
         yield
     finally:
@@ -977,7 +981,7 @@ def bench_workload(
         tw = time.perf_counter()
         try:
             t = _warm_up(impl, device, max(args.warmup, 3), args.compile_budget_s)
-        except Exception as e:
+        except (Exception, WarmupTimeout) as e:
             rows.append(_row(wl, spec, status="failed", note=_failure(e, tw)))
             continue
         if t > args.max_update_ms:  # timed once more, kept out of the round-robin
@@ -1081,7 +1085,7 @@ def train_step_bench(specs: list[Spec], args: argparse.Namespace) -> dict[str, A
         try:
             impl = spec.make(wl)
             _warm_up(impl, device, 3, args.compile_budget_s)
-        except Exception as e:
+        except (Exception, WarmupTimeout) as e:
             skipped.append({"impl": spec.impl, "kernel": spec.kernel, "note": _failure(e, tw)})
             continue
 
