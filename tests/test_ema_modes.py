@@ -223,9 +223,9 @@ def test_capturable_reference_stochastic_keeps_its_stream_on_the_device():
         kernel="reference",
         capturable=True,
     )
-    plan, device = ema._engine.avg, ema.average("0.weight").device
-    assert set(plan.seeds) == set(plan.counters) == {device}
-    assert plan.seeds[device].device == plan.counters[device].device == device
+    state, device = ema._engine.avg.state, ema.average("0.weight").device
+    assert set(state.seeds) == set(state.counters) == {device}
+    assert state.seeds[device].device == state.counters[device].device == device
     other = net()
     fused = polyak.EMA(
         other, decay=0.999, shadow_dtype=torch.bfloat16, rounding="stochastic", capturable=True

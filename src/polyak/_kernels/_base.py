@@ -84,3 +84,32 @@ def require_bf16_shadows(shadows: Sequence[torch.Tensor]) -> None:
                 f"stochastic rounding needs bf16 shadows, got {shadow.dtype}; pass "
                 f"shadow_dtype=torch.bfloat16 with rounding='stochastic'."
             )
+
+
+class DeviceState:
+    """Per device, the 0-dim tensors an update reads on the device instead of from the host.
+
+    ``weights``: ``w = 1 - decay`` (fp64), filled from a Python float by :meth:`weight`, so a new
+    decay never recompiles or synchronises; ``seeds`` and ``counters`` (int64): the stochastic
+    stream's seed and update counter, advanced by :meth:`advance` (captured, it advances at
+    every replay).
+    """
+
+    def __init__(self, devices: set[torch.device], seed: int = 0) -> None:
+        self.weights = {d: torch.zeros((), dtype=torch.float64, device=d) for d in devices}
+        self.seeds = {d: torch.tensor(seed, dtype=torch.int64, device=d) for d in devices}
+        self.counters = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices}
+
+    def fill(self, weight: float | torch.Tensor) -> None:
+        """Write a Python-float weight into every device's weight tensor (a tensor is used as is)."""
+        if not isinstance(weight, torch.Tensor):
+            for w in self.weights.values():
+                w.fill_(weight)
+
+    def weight(self, weight: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The weight as a tensor on ``device``: the caller's, or the one :meth:`fill` wrote."""
+        return weight if isinstance(weight, torch.Tensor) else self.weights[device]
+
+    def advance(self) -> None:
+        for counter in self.counters.values():
+            counter.add_(1)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from polyak._kernels._base import (
+    DeviceState,
     group_by_device_and_dtype,
     lerp_in_compute_dtype,
     require_bf16_shadows,
@@ -97,12 +98,10 @@ class FusedUpdate:
     ) -> None:
         self.groups = list(group_by_device_and_dtype(shadows, sources).items())
         devices = {device for (device, _, _), _ in self.groups}
-        self.weights = {d: torch.zeros((), dtype=torch.float64, device=d) for d in devices}
+        self.state = DeviceState(devices, seed)
         self.stochastic = stochastic
         if stochastic:
             require_bf16_shadows(shadows)
-            self.seeds = {d: torch.tensor(seed, dtype=torch.int64, device=d) for d in devices}
-            self.counters = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices}
             self.keys = {d: torch.zeros((), dtype=torch.int32, device=d) for d in devices}
             # element offsets in the concatenation of *all* shadows, as the reference path uses,
             # so every tensor draws its own stretch of the random stream
@@ -116,14 +115,12 @@ class FusedUpdate:
         self._copy = copy_group
 
     def lerp_(self, weight: float | torch.Tensor) -> None:
-        if not isinstance(weight, torch.Tensor):
-            for w in self.weights.values():
-                w.fill_(weight)
+        self.state.fill(weight)
         if self.stochastic:  # one key per update and device, shared by all its groups
             for device, key in self.keys.items():
-                self._advance(self.seeds[device], self.counters[device], key)
+                self._advance(self.state.seeds[device], self.state.counters[device], key)
         for index, ((device, _, _), (shadows, sources)) in enumerate(self.groups):
-            w = weight if isinstance(weight, torch.Tensor) else self.weights[device]
+            w = self.state.weight(weight, device)
             if self.stochastic:
                 self._sr(shadows, sources, w, self.keys[device], self.offsets[index])
             else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from polyak._kernels._base import lerp_in_compute_dtype, segment_offsets
+from polyak._kernels._base import DeviceState, lerp_in_compute_dtype, segment_offsets
 from polyak._kernels._stochastic import stochastic_lerp_
 
 
@@ -29,27 +29,22 @@ class ReferenceUpdate:
         if stochastic:
             # the stream's state lives beside the shadows: a captured update advances it on the
             # device at every replay, and no update copies it from the host
-            devices = {s.device for s in shadows}
-            self.seeds = {d: torch.tensor(seed, dtype=torch.int64, device=d) for d in devices}
-            self.counters = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices}
-            self.weights = {d: torch.zeros((), dtype=torch.float32, device=d) for d in devices}
+            self.state = DeviceState({s.device for s in shadows}, seed)
             self.offsets = segment_offsets(shadows)
 
     def lerp_(self, weight: float | torch.Tensor) -> None:
         if self.stochastic:
-            for device, counter in self.counters.items():
-                counter.add_(1)
-                if not isinstance(weight, torch.Tensor):
-                    self.weights[device].fill_(weight)
+            self.state.advance()
+            self.state.fill(weight)
         for index, (shadow, source) in enumerate(zip(self.shadows, self.sources, strict=True)):
             if self.stochastic:
                 device = shadow.device
                 stochastic_lerp_(
                     shadow,
                     source,
-                    weight if isinstance(weight, torch.Tensor) else self.weights[device],
-                    self.seeds[device],
-                    self.counters[device],
+                    self.state.weight(weight, device),
+                    self.state.seeds[device],
+                    self.state.counters[device],
                     self.offsets[index],
                 )
             elif isinstance(weight, torch.Tensor):  # as ATen reads a float one (compute_dtype)

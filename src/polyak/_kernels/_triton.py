@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from polyak._kernels._base import (
+    DeviceState,
     group_by_device_and_dtype,
     require_bf16_shadows,
     segment_offsets,
@@ -220,9 +221,10 @@ class _Group:
         self.stream_starts = _table(starts, torch.int64, self.device)
         self.block_tensor = _table(block_tensor, torch.int32, self.device)
         self.block_start = _table(block_start, torch.int64, self.device)
-        self.shadow_ptrs = _table(list(_addresses(shadows)), torch.int64, self.device)
+        shadow_addresses = _addresses(shadows)
+        self.shadow_ptrs = _table(list(shadow_addresses), torch.int64, self.device)
         self.source_ptrs = torch.empty(len(sources), dtype=torch.int64, device=self.device)
-        self.shadow_aligned = all(a % 16 == 0 for a in _addresses(shadows))
+        self.shadow_aligned = all(a % 16 == 0 for a in shadow_addresses)
         self.planned: tuple[int, ...] = ()
         self.refresh()
 
@@ -281,17 +283,12 @@ class TritonUpdate:
             starts = [start[id(s)] for s in group_shadows]
             self.groups.append(_Group(group_shadows, group_sources, starts))
         devices = {g.device for g in self.groups}
-        self.weights = {d: torch.zeros((), dtype=torch.float64, device=d) for d in devices}
-        self.seeds = {d: torch.tensor(seed, dtype=torch.int64, device=d) for d in devices}
-        self.counters = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices}
+        self.state = DeviceState(devices, seed)
 
     def lerp_(self, weight: float | torch.Tensor) -> None:
-        if not isinstance(weight, torch.Tensor):
-            for w in self.weights.values():
-                w.fill_(weight)
+        self.state.fill(weight)
         if self.stochastic:
-            for counter in self.counters.values():
-                counter.add_(1)
+            self.state.advance()
         for group in self.groups:
             # Triton launches on the current device: make it the group's
             with torch.cuda.device(group.device) if group.device.type == "cuda" else nullcontext():
@@ -308,9 +305,9 @@ class TritonUpdate:
             group.stream_starts,
             group.block_tensor,
             group.block_start,
-            weight if isinstance(weight, torch.Tensor) else self.weights[device],
-            self.seeds[device],
-            self.counters[device],
+            self.state.weight(weight, device),
+            self.state.seeds[device],
+            self.state.counters[device],
             SHADOW=_TL_DTYPES[group.shadow_dtype],
             SOURCE=_TL_DTYPES[group.source_dtype],
             COMPUTE=group.compute,
