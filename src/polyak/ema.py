@@ -65,6 +65,11 @@ def _takes_device_steps(schedule: Callable[[int], Any]) -> bool:
     return isinstance(schedule, schedules.Schedule)
 
 
+def _covered_offsets(update_every: int, device: torch.device) -> torch.Tensor:
+    """``[k-1, ..., 1, 0]``: step ``n`` minus these are the k steps one averaging update covers."""
+    return torch.arange(update_every - 1, -1, -1, device=device)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -283,7 +288,7 @@ class EMA:
             device = self._live[next(iter(self._live))].device
             self._step_t = torch.zeros((), dtype=torch.int64, device=device)
             self._num_t = torch.zeros((), dtype=torch.int64, device=device)
-            self._covered = torch.arange(update_every - 1, -1, -1, device=device)
+            self._covered = _covered_offsets(update_every, device)
         self._plan()
 
         # seed 004: statistics that never move while the weights do (warned once, per layer)
@@ -815,7 +820,7 @@ class EMA:
         self.num_averages = int(state.get("num_averages", 0))
         self.update_every = int(state.get("update_every", self.update_every))
         if self.capturable:  # the steps one averaging update covers, for _device_weight
-            self._covered = torch.arange(self.update_every - 1, -1, -1, device=self._step_t.device)
+            self._covered = _covered_offsets(self.update_every, self._step_t.device)
         stored = schedules.from_state(state.get("schedule", {"name": "callable"}))
         if stored is not None:
             self.schedule = stored
