@@ -40,3 +40,49 @@ def test_safetensors_dedups_shared_tensors(tmp_path):
     loaded = load_file(tmp_path / "x.safetensors")
     assert sorted(loaded) == ["a", "c"]
     assert torch.equal(loaded["a"], shared)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
+def test_files_get_the_mode_a_plain_write_gives(tmp_path, umask):
+    """As ``torch.save`` / ``open(path, "w")``: 0o666 less the umask for a new file (mkstemp's
+    0o600 would lock out a server running as another user), the old mode for a replaced one."""
+    import os
+
+    import polyak
+
+    old = os.umask(umask)
+    try:
+        ema = polyak.EMA(torch.nn.Linear(2, 2))
+        ema.save(tmp_path / "a.safetensors")
+        io.save_state(ema.state_dict(), tmp_path / "b.pt")
+        torch.save({}, tmp_path / "reference.pt")
+        expected = os.stat(tmp_path / "reference.pt").st_mode & 0o777
+        assert expected == 0o666 & ~umask
+        for name in ("a.safetensors", "b.pt"):
+            assert os.stat(tmp_path / name).st_mode & 0o777 == expected, name
+        os.chmod(tmp_path / "a.safetensors", 0o604)
+        ema.save(tmp_path / "a.safetensors")  # replacing keeps the file's mode
+        assert os.stat(tmp_path / "a.safetensors").st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)
+
+
+def test_load_averaged_names_the_file_and_what_it_is(tmp_path):
+    import polyak
+
+    model = torch.nn.Linear(3, 2)
+    polyak.EMA(model).save(tmp_path / "ema.safetensors")
+    torch.save(model.state_dict(), tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=r"ckpt\.pt: it is a torch\.save checkpoint.*load_state"):
+        io.load_averaged(model, tmp_path / "ckpt.pt")
+    data = (tmp_path / "ema.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[:40])
+    with pytest.raises(
+        ValueError,
+        match=r"cut\.safetensors: its header claims .* bytes but the file has 40: it is truncated",
+    ):
+        io.load_averaged(model, tmp_path / "cut.safetensors")
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    with pytest.raises(ValueError, match=r"tiny\.safetensors: it is 3 bytes long"):
+        io.load_averaged(model, tmp_path / "tiny.safetensors")
+    io.load_averaged(model, tmp_path / "ema.safetensors")  # the good file still loads
