@@ -14,6 +14,7 @@ from torch import nn
 
 import polyak
 from polyak import schedules
+from polyak.ema import LoadedSettingsWarning
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 KERNELS = ["reference", "foreach"]
@@ -349,6 +350,32 @@ def test_functional_call_uses_averages_and_touches_nothing():
         assert torch.equal(value, before[key])
 
 
+@pytest.mark.parametrize("buffers", ["average", "none"])
+def test_functional_call_in_train_mode_writes_no_statistics(buffers):
+    """A BatchNorm layer in train mode writes its running statistics in place: into copies, never
+    into the averaged statistics (or, with buffers="none", the model's own)."""
+    model = small_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = polyak.EMA(model, decay=0.5, buffers=buffers)
+    train_steps(model, opt, ema, 3)
+    assert model.training
+    averages = {n: ema.average(n).clone() for n in ema.names()}
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(8, 3, 4, 4) * 3 + 2
+    out = ema.functional_call(x)
+    for name, value in averages.items():
+        assert torch.equal(ema.average(name), value), name
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    # and it did run in train mode (batch statistics), with the averaged weights
+    model.eval()
+    with ema.swapped(), torch.no_grad():
+        assert not torch.allclose(model(x), out)
+    model.train()
+    with ema.swapped(), torch.no_grad():
+        torch.testing.assert_close(model(x), out)
+
+
 # ---------------------------------------------------------------- seed 001 (acceptance 4)
 
 
@@ -425,6 +452,85 @@ def test_bind_to_mode_switches_with_train_and_eval():
     assert not torch.equal(model[0].weight, ema.average("0.weight"))
 
 
+def test_deepcopy_of_a_bound_model_is_unbound_and_works():
+    model = small_net()
+    ema = polyak.EMA(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_steps(model, opt, ema, 2)
+    ema.bind_to_mode(model)
+    trained = model[0].weight.detach().clone()
+    clone = copy.deepcopy(model)
+    clone.eval()  # was: TypeError: 'NoneType' object is not callable
+    assert not clone.training and not clone[1].training
+    assert torch.equal(clone[0].weight, trained)  # the copy is not bound: no averages swapped in
+    assert torch.equal(model[0].weight, trained) and model.training  # the original untouched
+    model.eval()  # the original stays bound
+    assert torch.equal(model[0].weight, ema.average("0.weight"))
+    model.train()
+
+
+def test_deepcopy_of_a_model_holding_its_ema_copies_both():
+    model = small_net()
+    model.ema = polyak.EMA(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_steps(model, opt, model.ema, 2)
+    clone = copy.deepcopy(model)
+    assert clone.ema is not model.ema and clone.ema.step == 2
+    for name in model.ema.names():
+        assert torch.equal(clone.ema.average(name), model.ema.average(name))
+    with torch.no_grad():
+        clone[0].weight.fill_(1.0)
+    before = clone.ema.average("0.weight").clone()
+    original = model.ema.average("0.weight").clone()
+    clone.ema.update()  # averages the copy's weights, not the original's
+    torch.testing.assert_close(clone.ema.average("0.weight"), 0.5 * before + 0.5)
+    assert torch.equal(model.ema.average("0.weight"), original)
+
+
+def test_pickling_an_ema_says_what_to_save_instead(tmp_path):
+    model = small_net()
+    ema = polyak.EMA(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_steps(model, opt, ema, 2)
+    ema.bind_to_mode(model)
+    torch.save(model, tmp_path / "bound.pt")  # a bound model pickles (unbound)
+    loaded = torch.load(tmp_path / "bound.pt", weights_only=False)
+    loaded.eval()
+    assert torch.equal(loaded[0].weight, model[0].weight)
+    model.ema = ema
+    with pytest.raises(TypeError, match=r"cannot be pickled.*ema\.state_dict\(\)"):
+        torch.save(model, tmp_path / "with_ema.pt")
+
+
+def test_optimizer_step_into_swapped_averages_is_refused():
+    model = small_net()
+    ema = polyak.EMA(model, decay=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    train_steps(model, opt, ema, 2)
+    averages = {n: ema.average(n).clone() for n in ema.names()}
+    other = nn.Linear(2, 2)
+    other_opt = torch.optim.SGD(other.parameters(), lr=0.5)
+    other(torch.ones(1, 2)).sum().backward()
+    model.eval()  # a train-mode forward would write the averaged statistics: not this test
+    with ema.swapped():
+        nn.functional.cross_entropy(
+            model(torch.randn(8, 3, 4, 4)), torch.zeros(8).long()
+        ).backward()
+        with pytest.raises(RuntimeError, match=r"optimizer.step\(\) while the model holds"):
+            opt.step()
+        other_opt.step()  # another model's optimizer is not concerned
+    for name, value in averages.items():
+        assert torch.equal(ema.average(name), value), name
+    opt.step()  # after the block the guard is gone
+    model.train()
+    ema.bind_to_mode(model)
+    model.eval()
+    with pytest.raises(RuntimeError, match=r"model.train\(\) before stepping"):
+        opt.step()
+    model.train()
+    opt.step()
+
+
 # ---------------------------------------------------------------- resume (acceptance 5)
 
 
@@ -453,7 +559,8 @@ def test_resume_is_bit_exact(tmp_path, decay, kernel):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
-    ema2.load_state_dict(ckpt["ema"])
+    with pytest.warns(LoadedSettingsWarning, match=r"replaces Constant\(decay=0.5\)"):
+        ema2.load_state_dict(ckpt["ema"])
     train_steps(model2, opt2, ema2, 6, seed=2)
 
     assert ema2.step == ema.step == 11 and ema2.num_averages == ema.num_averages == 5
@@ -498,6 +605,59 @@ def test_load_state_dict_reports_every_mismatch():
         assert fragment in message
 
 
+def test_load_state_dict_warns_naming_both_settings_or_keeps_the_current_ones():
+    saved = polyak.EMA(small_net(), decay=schedules.tf_warmup(0.99), update_every=3)
+    saved.step = 7
+    state = saved.state_dict()
+    same = polyak.EMA(small_net(), decay=schedules.tf_warmup(0.99), update_every=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: silent
+        same.load_state_dict(state)
+    other = polyak.EMA(small_net(), decay=0.9)
+    with pytest.warns(LoadedSettingsWarning) as record:
+        other.load_state_dict(state)
+    message = str(record[0].message)
+    assert "TFWarmup(decay=0.99) replaces Constant(decay=0.9)" in message
+    assert "update_every=3 replaces update_every=1" in message and "settings='current'" in message
+    assert other.update_every == 3 and other.schedule == schedules.tf_warmup(0.99)
+    kept = polyak.EMA(small_net(), decay=0.9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept.load_state_dict(state, settings="current")
+    assert kept.update_every == 1 and kept.schedule == schedules.constant(0.9)
+    assert kept.step == 7
+    with pytest.raises(ValueError, match="settings must be 'checkpoint' or 'current'"):
+        kept.load_state_dict(state, settings="mine")
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("schedule", {"name": "no_such_schedule"}, "unknown schedule 'no_such_schedule'"),
+        ("schedule", {"name": "constant", "decay": 1.5}, "schedule {'name': 'constant'"),
+        ("step", "7", "step: expected an int >= 0, got '7'"),
+        ("num_averages", -1, "num_averages: expected an int >= 0, got -1"),
+        ("update_every", 0, "update_every: expected an int >= 1, got 0"),
+        ("rng_counter", 1.5, "rng_counter: expected an int >= 0, got 1.5"),
+    ],
+)
+def test_load_state_dict_is_atomic(key, value, fragment):
+    """Everything is validated before anything changes: after the error, the EMA is as it was."""
+    saved = polyak.EMA(small_net(1), decay=0.9)
+    saved.step = 5
+    state = saved.state_dict()
+    state[key] = value
+    ema = polyak.EMA(small_net(), decay=0.5, update_every=2)
+    before = {n: ema.average(n).clone() for n in ema.names()}
+    with pytest.raises(ValueError, match="nothing was changed") as info:
+        ema.load_state_dict(state)
+    assert fragment in str(info.value)
+    assert ema.step == 0 and ema.num_averages == 0 and ema.update_every == 2
+    assert ema.schedule == schedules.constant(0.5)
+    for name, tensor in before.items():
+        assert torch.equal(ema.average(name), tensor), name
+
+
 # ---------------------------------------------------------------- export (acceptance 6)
 
 
@@ -529,6 +689,23 @@ def test_save_keeps_model_dtype_unless_overridden(tmp_path):
     b = load_file(tmp_path / "b.safetensors")
     assert b["0.weight"].dtype == torch.float32
     assert b["1.num_batches_tracked"].dtype == torch.int64
+
+
+def test_save_of_pairs_honours_dtype(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    w = torch.full((2, 3), 1 / 3, dtype=torch.bfloat16)
+    ema = polyak.EMA([("w", w)], decay=0.5)
+    ema.step = 4
+    ema.save(tmp_path / "a.safetensors")
+    ema.save(tmp_path / "b.safetensors", dtype=torch.float16)
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    assert a["w"].dtype == torch.bfloat16 and torch.equal(a["w"], w)  # the tensor's dtype
+    assert b["w"].dtype == torch.float16
+    assert torch.equal(b["w"], torch.full((2, 3), 1 / 3, dtype=torch.bfloat16).half())
+    with safe_open(tmp_path / "b.safetensors", framework="pt") as f:
+        assert f.metadata()["polyak.step"] == "4"
 
 
 class Tied(nn.Module):
@@ -606,10 +783,30 @@ def test_integer_tensor_to_average():
         polyak.EMA([("count", torch.zeros(3, dtype=torch.long))])
 
 
-def test_bare_tensors_rejected():
-    with pytest.raises(TypeError, match=r"\(name, tensor\) pairs"):
-        polyak.EMA([torch.zeros(3)])
-    with pytest.raises(TypeError, match="an nn.Module or an iterable"):
+def test_bare_parameters_are_named_by_position():
+    """torch_ema's habit, EMA(model.parameters()): names "0", "1", ... in order; frozen ones keep
+    their number, so the names do not shift when a layer is frozen."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    model[0].bias.requires_grad_(False)
+    start = model[1].weight.detach().clone()
+    ema = polyak.EMA(model.parameters(), decay=0.5)
+    assert ema.names() == ["0", "2", "3"]
+    with torch.no_grad():
+        model[1].weight.fill_(4.0)
+    ema.update()
+    assert ema.average("2") is not None
+    torch.testing.assert_close(ema.average("2"), 0.5 * start + 0.5 * 4.0, rtol=0, atol=0)
+
+
+def test_mixed_or_foreign_items_rejected_without_printing_tensors():
+    with pytest.raises(TypeError, match=r"not a mix of them.*item 1 is a Tensor paired with int"):
+        polyak.EMA([torch.zeros(3), (5, torch.zeros(2))])
+    with pytest.raises(TypeError, match=r"item 1 is a Tensor"):
+        polyak.EMA([("a", torch.zeros(3)), torch.full((1000,), 7.0)])
+    with pytest.raises(TypeError) as info:
+        polyak.EMA([("a", torch.zeros(3)), torch.full((1000,), 7.0)])
+    assert "7." not in str(info.value)  # names types, never prints a tensor's values
+    with pytest.raises(TypeError, match="an nn.Module, an iterable"):
         polyak.EMA(torch.zeros(3))
 
 

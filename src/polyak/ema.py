@@ -10,18 +10,22 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from polyak import _kernels, schedules
+from polyak._tracking import Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import Exponential
 from polyak.bn import BatchNormMonitor
 from polyak.io import save_safetensors
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "LoadedSettingsWarning"]
 
 FORMAT = "polyak.EMA"
 VERSION = 1
@@ -33,17 +37,6 @@ _BN_CHECKS = frozenset({1, 10, 100})
 
 Include = Callable[[str, torch.Tensor], bool]
 DecayLike = float | Callable[[int], Any]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / DataParallel / ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
 
 
 def _as_schedule(decay: DecayLike) -> Callable[[int], Any]:
@@ -70,10 +63,6 @@ def _covered_offsets(update_every: int, device: torch.device) -> torch.Tensor:
     return torch.arange(update_every - 1, -1, -1, device=device)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 class _ModeSwitch:
     """Replaces ``model.train`` on one instance so that eval() swaps the averages in (bind_to_mode)."""
 
@@ -90,13 +79,39 @@ class _ModeSwitch:
             self.ema.use_averages()
         return result
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> None:
-        return None  # a copy of the model is not bound; EMA.averaged_module drops the attribute
+    def __reduce__(self) -> tuple[Any, ...]:
+        # a copy or pickle of the model is not bound to this EMA: it gets the plain method back
+        return (getattr, (self.model, "train"))  # the class's method, bound to the copy
 
     def remove(self) -> None:
         """Unbind: ``model.train`` is the module's own method again."""
         if self.model.__dict__.get("train") is self:
             del self.model.__dict__["train"]
+
+
+def _refuse_step_into_averages(ref: weakref.ref[EMA]) -> Callable[..., None]:
+    """An optimizer pre-hook, live while averages are swapped in: a step on the model's tensors
+    would write into the shadows themselves (they share storage), so it is refused."""
+
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        ema = ref()
+        if ema is None or ema._state != "swapped" or ema._swap_target is None:
+            return
+        held = {id(t) for t in ema._swap_target.values()}
+        if any(id(p) in held for group in optimizer.param_groups for p in group["params"]):
+            raise RuntimeError(
+                "optimizer.step() while the model holds the EMA's averages (inside "
+                "ema.swapped(), after ema.use_averages(), or in model.eval() mode after "
+                "ema.bind_to_mode(model)): the step would write into the averages themselves. "
+                "Leave the block, call ema.use_trained(), or model.train() before stepping."
+            )
+
+    return hook
+
+
+class LoadedSettingsWarning(UserWarning):
+    """:meth:`EMA.load_state_dict` replaced the EMA's decay schedule or ``update_every`` with the
+    checkpoint's."""
 
 
 class EMA:
@@ -231,11 +246,11 @@ class EMA:
         self._num_averages = 0
 
         if isinstance(model, nn.Module):
-            self.model: nn.Module | None = _unwrap(model)
-            named = self._named_tensors(self.model, include)
+            self.model: nn.Module | None = unwrap(model)
+            named = named_tensors(self.model, include, buffers)
         else:
             self.model = None
-            named = self._named_pairs(model, include)
+            named = named_pairs(model, include)
 
         if capturable:
             devices = sorted({str(t.device) for _, t, _ in named})
@@ -253,18 +268,9 @@ class EMA:
         self._copied: list[str] = []
         for name, tensor, kind in named:
             self._live[name] = tensor
-            if kind == "average":
-                dtype = shadow_dtype or (
-                    torch.float32 if tensor.dtype in _LOW_PRECISION else tensor.dtype
-                )
-                self._averaged.append(name)
-            else:
-                dtype = tensor.dtype
-                self._copied.append(name)
-            shadow = tensor.detach().to(dtype=dtype, copy=True)
-            if offload == "cpu":
-                shadow = shadow.cpu().pin_memory() if tensor.is_cuda else shadow.cpu()
-            self._shadows[name] = shadow
+            (self._averaged if kind == "average" else self._copied).append(name)
+            shadow = tensor.detach().to(dtype=self._shadow_dtype(tensor, kind), copy=True)
+            self._shadows[name] = self._placed(shadow, tensor)
         if not self._shadows:
             raise ValueError(
                 "EMA found no tensor to track: the model has no trainable floating parameters "
@@ -275,7 +281,7 @@ class EMA:
             if wrong:
                 raise ValueError(
                     f"rounding='stochastic' needs bf16 shadows, but {wrong[:5]} have "
-                    f"{_dtype_name(self._shadows[wrong[0]].dtype)} shadows; pass "
+                    f"{dtype_name(self._shadows[wrong[0]].dtype)} shadows; pass "
                     f"shadow_dtype=torch.bfloat16."
                 )
         self.kernel = _kernels.choose(
@@ -289,81 +295,40 @@ class EMA:
             self._step_t = torch.zeros((), dtype=torch.int64, device=device)
             self._num_t = torch.zeros((), dtype=torch.int64, device=device)
             self._covered = _covered_offsets(update_every, device)
+        self._engine: _kernels.Engine | None = None
         self._plan()
-
-        # seed 004: statistics that never move while the weights do (warned once, per layer)
-        self._bn_monitor = None
-        if self.model is not None and not capturable:
-            monitor = BatchNormMonitor(self.model)
-            self._bn_monitor = monitor if monitor.layers else None
 
         self._state: Literal["swapped", "stored"] | None = None
         self._backup: dict[str, torch.Tensor] | None = None
         self._swap_target: dict[str, torch.Tensor] | None = None
         self._mode_switch: _ModeSwitch | None = None
+        self._step_guard: Any = None
 
     # ------------------------------------------------------------------ tracking
 
-    def _named_tensors(
-        self, model: nn.Module, include: Include | None
-    ) -> list[tuple[str, torch.Tensor, str]]:
-        tracked = []
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue  # frozen: no shadow, exports read the live value
-            if include is not None and not include(name, param):
-                continue
-            tracked.append((name, param, "average"))
-        if self.buffers != "none":
-            for name, buf in model.named_buffers():
-                if include is not None and not include(name, buf):
-                    continue
-                averaged = self.buffers == "average" and buf.is_floating_point()
-                tracked.append((name, buf, "average" if averaged else "copy"))
-        return tracked
+    def _shadow_dtype(self, tensor: torch.Tensor, kind: str) -> torch.dtype:
+        """The dtype policy: copied tensors keep theirs; averaged ones take ``shadow_dtype``, or
+        their own, with fp32 for bf16/fp16."""
+        if kind != "average":
+            return tensor.dtype
+        if self.shadow_dtype is not None:
+            return self.shadow_dtype
+        return torch.float32 if tensor.dtype in _LOW_PRECISION else tensor.dtype
 
-    @staticmethod
-    def _named_pairs(
-        pairs: Iterable[tuple[str, torch.Tensor]], include: Include | None
-    ) -> list[tuple[str, torch.Tensor, str]]:
-        if isinstance(pairs, (torch.Tensor, str, bytes)) or not isinstance(pairs, Iterable):
-            raise TypeError(
-                f"EMA tracks an nn.Module or an iterable of (name, tensor) pairs, got "
-                f"{type(pairs).__name__}; e.g. polyak.EMA(model) or "
-                f"polyak.EMA(model.named_parameters())."
-            )
-        tracked = []
-        seen: set[str] = set()
-        for item in pairs:
-            if not (
-                isinstance(item, tuple)
-                and len(item) == 2
-                and isinstance(item[0], str)
-                and isinstance(item[1], torch.Tensor)
-            ):
-                raise TypeError(
-                    f"EMA expects (name, tensor) pairs, got {item!r:.80}; pass "
-                    f"model.named_parameters() or a dict's .items(), not bare tensors."
-                )
-            name, tensor = item
-            if name in seen:
-                raise ValueError(f"the name {name!r} appears twice; names must be unique.")
-            seen.add(name)
-            if isinstance(tensor, nn.Parameter) and not tensor.requires_grad:
-                continue
-            if include is not None and not include(name, tensor):
-                continue
-            if not tensor.is_floating_point():
-                raise TypeError(
-                    f"cannot average {name!r}: it is a {_dtype_name(tensor.dtype)} tensor and an "
-                    f"average needs a floating dtype. Exclude it with include=, or track the module "
-                    f"itself (integer buffers are then copied, not averaged)."
-                )
-            tracked.append((name, tensor, "average"))
-        return tracked
+    def _placed(self, shadow: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """``shadow`` where it lives: beside its tensor, or in (pinned) host memory if offloaded."""
+        if self.offload == "cpu":
+            return shadow.cpu().pin_memory() if tensor.is_cuda else shadow.cpu()
+        return shadow
 
-    def _plan(self) -> None:
-        """Build the engine (kernel plans and execution policy); at init and when shadows move."""
+    def _plan(self, watch: bool = True) -> None:
+        """Build the engine (kernel plans and execution policy), the watch over the model's
+        tensors and the BatchNorm monitor; at init and whenever shadows or tensors move.
+
+        The stochastic-rounding stream's counter carries over to the new plan, so re-planning never
+        re-uses random bits.
+        """
+        counter = self._rng_counter()
         policy = "offload" if self.offload else ("side" if self.stream else "inline")
         self._warm = False  # whether the new plan ran once (it compiles then): not in a capture
         self._engine = _kernels.Engine(
@@ -373,6 +338,97 @@ class EMA:
             ([self._shadows[n] for n in self._copied], [self._live[n] for n in self._copied]),
             policy,
         )
+        if counter is not None:
+            self._set_rng_counter(counter)
+        if watch:
+            self._watch_model()
+        else:  # the model is not ready to be looked at: look at the first use
+            self._watch = Watch(None, self._live)
+            self._watch.dirty = True
+            self._bn_monitor = None
+
+    def _watch_model(self) -> None:
+        """Watch the model's tensors (:mod:`polyak._tracking`) and its BatchNorm statistics."""
+        self._watch = Watch(self.model, self._live)
+        # seed 004: statistics that never move while the weights do (warned once, per layer)
+        self._bn_monitor = None
+        if self.model is not None and not self.capturable:
+            monitor = BatchNormMonitor(self.model)
+            self._bn_monitor = monitor if monitor.layers else None
+
+    def _rng_counters(self) -> list[torch.Tensor]:
+        """The stochastic-rounding stream's update counters (one per device; empty if none)."""
+        state = getattr(self._engine and self._engine.avg, "state", None)
+        if self.rounding != "stochastic" or state is None:
+            return []
+        return list(state.counters.values())
+
+    def _rng_counter(self) -> torch.Tensor | None:
+        counters = self._rng_counters()
+        return counters[0].detach().clone() if counters else None
+
+    def _set_rng_counter(self, value: int | torch.Tensor) -> None:
+        for counter in self._rng_counters():
+            counter.copy_(torch.as_tensor(value, dtype=torch.int64))
+
+    def _ensure_current(self) -> None:
+        """Follow the model if it no longer holds the planned tensors (see :mod:`polyak._tracking`).
+
+        A tensor replaced by one of the same shape (``load_state_dict(..., assign=True)``, a layer
+        swapped for a fresh one) is followed: its shadow stays and averages the new tensor. A
+        changed dtype (``model.half()``) is followed too, the shadow re-cast by the dtype policy
+        (bf16/fp16 tensors keep fp32 shadows). A tensor that is gone, changed shape or moved to
+        another device raises an error that names it, before anything is changed.
+        """
+        if self._watch.stale():
+            self._follow(self._changes_to_follow())
+
+    def _changes_to_follow(
+        self, device: torch.device | None = None
+    ) -> dict[str, tuple[torch.Tensor, str]]:
+        """The tracked tensors the model replaced or re-cast, checked to be followable: same
+        shape, and on the device planned (or on ``device``, where the EMA is being moved)."""
+        changes = self._watch.changes(self.model, self._live)
+        reshaped, moved = [], []
+        for name, (tensor, what) in changes.items():
+            if tensor is None or tensor.shape != self._shadows[name].shape:
+                reshaped.append(f"{name} {what}")
+            elif tensor.device not in (self._watch.planned[name][2], device):
+                moved.append((f"{name} {what}", str(tensor.device)))
+        if reshaped or moved:
+            problems = reshaped + [text for text, _ in moved]
+            fixes = []
+            if moved:
+                devices = sorted({d for _, d in moved})
+                where = repr(devices[0]) if len(devices) == 1 else "device"
+                fixes.append(f"after moving the model, move the EMA too: ema.to({where})")
+            if reshaped:
+                fixes.append(
+                    "after changing the model's architecture, build a new EMA on it (a checkpoint "
+                    "of the old one loads into a model of the old architecture)"
+                )
+            raise RuntimeError(
+                "the model no longer holds the tensors this EMA averages, and the EMA cannot "
+                "follow:\n  "
+                + "\n  ".join(problems[:10])
+                + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+                + "\nNothing was changed. To fix: "
+                + "; ".join(fixes)
+                + "."
+            )
+        return changes  # type: ignore[return-value]
+
+    def _follow(self, changes: Mapping[str, tuple[torch.Tensor, str]]) -> None:
+        """Average the model's tensors now: re-point, re-cast shadows by the dtype policy, re-plan."""
+        for name, (tensor, _) in changes.items():
+            self._live[name] = tensor
+            shadow = self._shadows[name]
+            kind = "average" if name in self._averaged else "copy"
+            dtype = self._shadow_dtype(tensor, kind)
+            if shadow.dtype != dtype:  # keep the object: average(name) callers hold it
+                shadow.data = self._placed(shadow.data.to(dtype), tensor)
+        self._engine.wait()
+        self._plan()
 
     # ------------------------------------------------------------------ counters
 
@@ -428,6 +484,7 @@ class EMA:
                 f"average the averages with themselves. Leave the block (or call ema.restore() / "
                 f"ema.use_trained(), or model.train() after bind_to_mode) before updating."
             )
+        self._ensure_current()
         if self.capturable:
             if not self._warm:
                 if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
@@ -449,6 +506,17 @@ class EMA:
             try:
                 self._engine.run(weight)
             except RuntimeError as error:
+                changes = self._watch.changes(self.model, self._live)
+                if changes:  # changed in place where the cheap check did not look
+                    self._watch.dirty = True  # the next call follows them, or says why not
+                    raise RuntimeError(
+                        "ema.update() failed because the model's tensors changed since the EMA "
+                        "planned its update: "
+                        + "; ".join(f"{n} {what}" for n, (_, what) in list(changes.items())[:10])
+                        + ". Some shadows may already hold this update. The next ema.update() "
+                        "follows tensors of a new dtype; after moving the model to another "
+                        "device, call ema.to(device) first."
+                    ) from error
                 if "device" in str(error):
                     raise RuntimeError(
                         f"{error}\nThe model's tensors and the EMA's shadows are on different "
@@ -497,9 +565,10 @@ class EMA:
 
     def _targets(self, model: nn.Module | None) -> dict[str, torch.Tensor]:
         """The tensors of ``model`` (default: the tracked one) matched by name to the shadows."""
-        if model is None or _unwrap(model) is self.model:
+        if model is None or unwrap(model) is self.model:
+            self._ensure_current()
             return self._live
-        model = _unwrap(model)
+        model = unwrap(model)
         available = dict(model.named_parameters(remove_duplicate=False))
         available.update(model.named_buffers(remove_duplicate=False))
         missing = [n for n in self._shadows if n not in available]
@@ -545,6 +614,9 @@ class EMA:
                 live.data = shadow if same else shadow.to(live.device, live.dtype)
         self._swap_target = targets
         self._state = "swapped"
+        self._step_guard = register_optimizer_step_pre_hook(
+            _refuse_step_into_averages(weakref.ref(self))
+        )
 
     def _swap_out(self) -> None:
         assert self._backup is not None and self._swap_target is not None
@@ -552,6 +624,8 @@ class EMA:
             self._swap_target[name].data = data
         self._backup = self._swap_target = None
         self._state = None
+        self._step_guard.remove()
+        self._step_guard = None
 
     @contextlib.contextmanager
     def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module | None]:
@@ -597,7 +671,7 @@ class EMA:
         The seed's ``is_training`` switch without a second graph. Returns a handle whose
         ``remove()`` unbinds. The current mode applies at once.
         """
-        target = _unwrap(model) if model is not None else self.model
+        target = unwrap(model) if model is not None else self.model
         if target is None or target is not self.model:
             raise ValueError(
                 "bind_to_mode needs the module this EMA tracks; build the EMA from the module "
@@ -670,6 +744,7 @@ class EMA:
 
     def _averaged_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """name -> average cast to the live tensor's dtype and device (``dtype`` overrides floats)."""
+        self._ensure_current()
         self._engine.wait()
         out = {}
         for name, shadow in self._shadows.items():
@@ -681,11 +756,17 @@ class EMA:
     def functional_call(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model's forward with the averages via ``torch.func.functional_call``.
 
-        Touches no module state: safe beside training, e.g. from another thread or between steps.
+        Touches no state, the model's or the EMA's: every buffer the forward sees is a copy (a
+        BatchNorm layer in train mode writes its running statistics in place, which would
+        otherwise land in the averaged statistics, or with ``buffers="none"`` in the model's).
+        The model's mode applies as usual: call ``model.eval()`` first for inference behaviour.
         """
         model = self._require_model("functional_call()")
+        tensors = self._averaged_tensors()
+        for name, buffer in model.named_buffers(remove_duplicate=False):
+            tensors[name] = tensors.get(name, buffer).clone()
         return torch.func.functional_call(
-            model, self._averaged_tensors(), args, kwargs, tie_weights=True, strict=False
+            model, tensors, args, kwargs, tie_weights=True, strict=False
         )
 
     def averaged_module(self) -> nn.Module:
@@ -727,15 +808,15 @@ class EMA:
         """Write the averaged weights as safetensors, loadable into a plain model.
 
         The file holds the model's full key set (untracked tensors from the live model) in the
-        model's dtypes (``dtype=`` overrides). Tied weights are written once;
+        model's dtypes (``dtype=`` overrides floating ones); for an EMA of ``(name, tensor)``
+        pairs, the tracked names in their tensors' dtypes (``dtype=`` overrides). Tied weights are written once;
         ``polyak.io.load_averaged(model, path)`` or ``safetensors.torch.load_model(model, path)``
         re-ties them. For a model without tied weights
         ``model.load_state_dict(safetensors.torch.load_file(path), strict=True)`` works as is.
         Written atomically (temp file, fsync, rename).
         """
-        if self.model is None:
-            self._engine.wait()
-            tensors = {n: s.detach() for n, s in self._shadows.items()}
+        if self.model is None:  # the tracked tensors' names, dtypes as for a model
+            tensors = {n: t.detach() for n, t in self._averaged_tensors(dtype).items()}
         else:
             tensors = self.export_state_dict(dtype)
         save_safetensors(
@@ -747,12 +828,13 @@ class EMA:
     def state_dict(self) -> dict[str, Any]:
         """Name-keyed, versioned state: plain data only, readable with ``weights_only=True``.
 
-        Holds the step counters, the shadows and their dtypes, the buffer policy, ``update_every``
-        and the schedule (a built-in schedule as data; a user callable is not stored and must be
-        passed again to the EMA that loads this).
+        Holds the step counters, the shadows and their dtypes, the buffer policy, ``update_every``,
+        the schedule (a built-in schedule as data; a user callable is not stored and must be
+        passed again to the EMA that loads this) and, with stochastic rounding, the random
+        stream's counter, so a resumed run draws the bits it would have drawn.
         """
         self._engine.wait()
-        return {
+        state = {
             "format": FORMAT,
             "version": VERSION,
             "step": int(self.step),
@@ -761,16 +843,35 @@ class EMA:
             "buffers": self.buffers,
             "schedule": schedules.to_state(self.schedule),
             "shadows": {n: s.detach() for n, s in self._shadows.items()},
-            "shadow_dtypes": {n: _dtype_name(s.dtype) for n, s in self._shadows.items()},
+            "shadow_dtypes": {n: dtype_name(s.dtype) for n, s in self._shadows.items()},
             "kinds": {
                 **dict.fromkeys(self._averaged, "average"),
                 **dict.fromkeys(self._copied, "copy"),
             },
         }
+        counter = self._rng_counter()
+        if counter is not None:
+            state["rng_counter"] = int(counter.item())
+        return state
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load :meth:`state_dict` output; every name, shape and dtype mismatch is reported at once."""
+    def load_state_dict(
+        self,
+        state: Mapping[str, Any],
+        *,
+        settings: Literal["checkpoint", "current"] = "checkpoint",
+    ) -> None:
+        """Load :meth:`state_dict` output; every problem is reported at once, before anything changes.
+
+        ``settings="checkpoint"`` (the default, for exact resume) takes the checkpoint's decay
+        schedule and ``update_every``, and warns with :class:`LoadedSettingsWarning` where they
+        differ from this EMA's; ``settings="current"`` keeps this EMA's and loads the averages and
+        counters only.
+        """
         self._check_idle("load a state dict")  # the shadows may be the model's weights right now
+        if settings not in ("checkpoint", "current"):
+            raise ValueError(
+                f"settings must be 'checkpoint' or 'current', got settings={settings!r}."
+            )
         if not isinstance(state, Mapping) or state.get("format") != FORMAT:
             raise ValueError(
                 f"not a polyak.EMA state dict (format={getattr(state, 'get', lambda _: None)('format')!r}); "
@@ -782,8 +883,13 @@ class EMA:
                 f"EMA state version {version!r} is newer than this polyak understands (<= {VERSION}); "
                 f"upgrade polyak."
             )
-        shadows: Mapping[str, torch.Tensor] = state["shadows"]
         problems = []
+        shadows = state.get("shadows")
+        if not isinstance(shadows, Mapping) or not all(
+            isinstance(t, torch.Tensor) for t in shadows.values()
+        ):
+            problems.append("'shadows' is not a mapping of names to tensors")
+            shadows = {}
         missing = [n for n in self._shadows if n not in shadows]
         unexpected = [n for n in shadows if n not in self._shadows]
         if missing:
@@ -800,55 +906,139 @@ class EMA:
                 )
             elif tensor.dtype != mine.dtype:
                 problems.append(
-                    f"{name}: dtype {_dtype_name(tensor.dtype)} in state vs "
-                    f"{_dtype_name(mine.dtype)} here (build the EMA with the same shadow_dtype)"
+                    f"{name}: dtype {dtype_name(tensor.dtype)} in state vs "
+                    f"{dtype_name(mine.dtype)} here (build the EMA with the same shadow_dtype)"
                 )
         if state.get("buffers", self.buffers) != self.buffers:
             problems.append(f"buffer policy {state['buffers']!r} in state vs {self.buffers!r} here")
+        counts = {}
+        for key, least, default in (
+            ("step", 0, None),
+            ("num_averages", 0, 0),
+            ("update_every", 1, self.update_every),
+            ("rng_counter", 0, None),
+        ):
+            value = state.get(key, default)
+            if value is None and key == "rng_counter":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                problems.append(f"{key}: expected an int >= {least}, got {value!r}")
+            counts[key] = value
+        stored = None
+        try:
+            stored = schedules.from_state(state.get("schedule", {"name": "callable"}))
+        except (TypeError, ValueError) as error:
+            problems.append(f"schedule {state.get('schedule')!r}: {error}")
         if problems:
             raise ValueError(
-                "cannot load EMA state:\n  "
+                "cannot load EMA state (nothing was changed):\n  "
                 + "\n  ".join(problems)
                 + "\nBuild the EMA on the same model with the same buffers=/include=/shadow_dtype="
                 " settings as the one that was saved."
             )
+        # everything is valid: now change things
+        if settings == "checkpoint":
+            changed = []
+            if stored is not None and schedules.to_state(stored) != schedules.to_state(
+                self.schedule
+            ):
+                changed.append(f"decay schedule {stored!r} replaces {self.schedule!r}")
+            if counts["update_every"] != self.update_every:
+                changed.append(
+                    f"update_every={counts['update_every']} replaces "
+                    f"update_every={self.update_every}"
+                )
+            if changed:
+                warnings.warn(
+                    "EMA.load_state_dict: the checkpoint's settings win for an exact resume: "
+                    + "; ".join(changed)
+                    + ". Pass settings='current' to keep this EMA's.",
+                    LoadedSettingsWarning,
+                    stacklevel=2,
+                )
         self._engine.wait()
         with torch.no_grad():
             for name, tensor in shadows.items():
                 self._shadows[name].copy_(tensor)
-        self.step = int(state["step"])
-        self.num_averages = int(state.get("num_averages", 0))
-        self.update_every = int(state.get("update_every", self.update_every))
-        if self.capturable:  # the steps one averaging update covers, for _device_weight
-            self._covered = _covered_offsets(self.update_every, self._step_t.device)
-        stored = schedules.from_state(state.get("schedule", {"name": "callable"}))
-        if stored is not None:
-            self.schedule = stored
+        self.step = counts["step"]
+        self.num_averages = counts["num_averages"]
+        if settings == "checkpoint":
+            self.update_every = counts["update_every"]
+            if self.capturable:  # the steps one averaging update covers, for _device_weight
+                self._covered = _covered_offsets(self.update_every, self._step_t.device)
+            if stored is not None:
+                self.schedule = stored
+        if "rng_counter" in counts:
+            self._set_rng_counter(counts["rng_counter"])
 
     # ------------------------------------------------------------------ housekeeping
 
     def to(self, device: torch.device | str) -> EMA:
-        """Move the shadows (and the kernel's scratch) to ``device``; returns ``self``."""
+        """Move the shadows (and the kernel's scratch) to ``device``; returns ``self``.
+
+        Call it after moving the model (``model.to(device); ema.to(device)``): tensors the move
+        replaced are followed.
+        """
         self._check_idle("move the EMA")
         if self.offload:
             raise ValueError(
                 "an EMA built with offload='cpu' keeps its shadows on the host; build one without "
                 "offload to keep them on a device."
             )
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        changes = self._changes_to_follow(target)  # the model moved first
         self._engine.wait()
-        for shadow in self._shadows.values():
-            shadow.data = shadow.data.to(device)
+        for name, shadow in self._shadows.items():
+            moved = shadow.data.to(device)
+            if torch._has_compatible_shallow_copy_type(shadow, moved):
+                shadow.data = moved  # keep the object: average(name) callers hold it
+            else:  # e.g. to or from "meta": a new tensor type
+                self._shadows[name] = moved
         if self.capturable:
             self._step_t = self._step_t.to(device)
             self._num_t = self._num_t.to(device)
             self._covered = self._covered.to(device)
-        self._plan()
+        self._follow(changes)
         return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> EMA:
+        """A copy that averages the copied tensors (``copy.deepcopy(model)`` with the EMA stored
+        on the model copies both, and the copy's EMA follows the copied model)."""
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        rebuilt = {"_engine", "_watch", "_bn_monitor", "_mode_switch", "_step_guard"}
+        for key, value in self.__dict__.items():
+            if key not in rebuilt:
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        clone._engine = None
+        clone._mode_switch = clone._step_guard = None
+        if clone._state == "swapped":
+            clone._step_guard = register_optimizer_step_pre_hook(
+                _refuse_step_into_averages(weakref.ref(clone))
+            )
+        self._engine.wait()
+        clone._plan(watch=False)  # a model being copied around this EMA is not filled in yet
+        counter = self._rng_counter()
+        if counter is not None:
+            clone._set_rng_counter(counter)
+        return clone
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a polyak.EMA cannot be pickled: it holds the model's live tensors, compiled "
+            "kernels and hooks. Save its state instead: torch.save({'model': model.state_dict(), "
+            "'ema': ema.state_dict()}, path), then polyak.EMA(model, ...).load_state_dict(...); "
+            "or ema.save(path) for the averaged weights alone. If the EMA is an attribute of a "
+            "model you pickle (torch.save(model)), keep it outside the model (copy.deepcopy "
+            "works)."
+        )
 
     def __repr__(self) -> str:
         n_avg, n_copy = len(self._averaged), len(self._copied)
         elements = sum(self._shadows[n].numel() for n in self._averaged)
-        dtypes = sorted({_dtype_name(self._shadows[n].dtype) for n in self._averaged})
+        dtypes = sorted({dtype_name(self._shadows[n].dtype) for n in self._averaged})
         schedule = self.schedule
         return (
             f"EMA(decay={schedule!r}, step={self.step}, averaged={n_avg} tensors "

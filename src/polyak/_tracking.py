@@ -1,0 +1,211 @@
+"""Which tensors an EMA tracks, and noticing when the model stops holding them.
+
+A model or ``(name, tensor)`` pairs become an ordered list of ``(name, live tensor, kind)``, kind
+``"average"`` or ``"copy"``. The EMA keeps the live tensor objects, so an optimizer's in-place
+writes and ``param.data = ...`` are seen; but users also replace those objects
+(``model.load_state_dict(sd, assign=True)``, ``model.fc = nn.Linear(...)``, ``model.to(...)``,
+which makes new buffer objects) or change their dtype or device in place (``model.half()``,
+``model.to("meta")``). :class:`Watch` notices both on the host, cheaply enough to run at every
+update:
+
+- a global module-registration hook marks the watch dirty when a submodule of the tracked model is
+  replaced (the old module still holds the old tensors, so nothing else would show it);
+- an identity check of each tracked tensor against its owner's ``_parameters`` / ``_buffers``
+  entry (~50 ns a tensor) catches replaced parameters and buffers;
+- a dtype/device check of the first tensor of each (owner kind, dtype, device) group catches
+  whole-model conversions, which keep the parameter objects and change them in place.
+
+A partial in-place conversion (``model.fc.half()`` alone) is caught by the kernel's own dtype
+check; the EMA then asks :meth:`Watch.changes` what happened and says so.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+Include = Callable[[str, torch.Tensor], bool]
+Tracked = list[tuple[str, torch.Tensor, str]]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / DataParallel / ``torch.compile`` wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def named_tensors(model: nn.Module, include: Include | None, buffers: str) -> Tracked:
+    """A module's trainable parameters (averaged) and, unless ``buffers="none"``, its buffers
+    (floating ones averaged under ``"average"``, the rest copied)."""
+    tracked = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue  # frozen: no shadow, exports read the live value
+        if include is not None and not include(name, param):
+            continue
+        tracked.append((name, param, "average"))
+    if buffers != "none":
+        for name, buf in model.named_buffers():
+            if include is not None and not include(name, buf):
+                continue
+            averaged = buffers == "average" and buf.is_floating_point()
+            tracked.append((name, buf, "average" if averaged else "copy"))
+    return tracked
+
+
+def named_pairs(pairs: Iterable[Any], include: Include | None) -> Tracked:
+    """``(name, tensor)`` pairs, or bare tensors (``model.parameters()``, torch_ema's habit),
+    which are named ``"0"``, ``"1"``, ... by position (frozen ones keep their number)."""
+    if isinstance(pairs, (torch.Tensor, str, bytes)) or not isinstance(pairs, Iterable):
+        raise TypeError(
+            f"EMA tracks an nn.Module, an iterable of (name, tensor) pairs or an iterable of "
+            f"tensors, got {type(pairs).__name__}; e.g. polyak.EMA(model) or "
+            f"polyak.EMA(model.named_parameters())."
+        )
+    tracked: Tracked = []
+    seen: set[str] = set()
+    bare: bool | None = None
+    for index, item in enumerate(pairs):
+        is_bare = isinstance(item, torch.Tensor)
+        is_pair = (
+            isinstance(item, tuple)
+            and len(item) == 2
+            and isinstance(item[0], str)
+            and isinstance(item[1], torch.Tensor)
+        )
+        if not (is_bare or is_pair) or (bare is not None and bare != is_bare):
+            got = (
+                f"a {type(item[1]).__name__} paired with {type(item[0]).__name__}"
+                if isinstance(item, tuple) and len(item) == 2
+                else f"a {type(item).__name__}"
+            )
+            raise TypeError(
+                f"EMA expects (name, tensor) pairs or bare tensors, not a mix of them or other "
+                f"objects; item {index} is {got}. Pass model.named_parameters(), a dict's "
+                f".items(), model.parameters(), or the module itself."
+            )
+        bare = is_bare
+        name, tensor = (str(index), item) if is_bare else item
+        if name in seen:
+            raise ValueError(f"the name {name!r} appears twice; names must be unique.")
+        seen.add(name)
+        if isinstance(tensor, nn.Parameter) and not tensor.requires_grad:
+            continue
+        if include is not None and not include(name, tensor):
+            continue
+        if not tensor.is_floating_point():
+            raise TypeError(
+                f"cannot average {name!r}: it is a {dtype_name(tensor.dtype)} tensor and an "
+                f"average needs a floating dtype. Exclude it with include=, or track the module "
+                f"itself (integer buffers are then copied, not averaged)."
+            )
+        tracked.append((name, tensor, "average"))
+    return tracked
+
+
+def owner_of(model: nn.Module, name: str) -> tuple[dict[str, Any], str] | None:
+    """The ``_parameters`` or ``_buffers`` dict that holds ``name`` in ``model``, and its key."""
+    module_name, _, key = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return None
+    for owner in (module._parameters, module._buffers):
+        if owner.get(key) is not None:
+            return owner, key
+    return None
+
+
+# Watches whose model a module-registration hook should mark dirty; the hook is installed once.
+_WATCHES: weakref.WeakSet[Watch] = weakref.WeakSet()
+_HOOK: list[Any] = []
+
+
+def _module_registered(module: nn.Module, name: str, value: Any) -> None:
+    for watch in list(_WATCHES):
+        if id(module) in watch.module_ids:
+            watch.dirty = True
+
+
+class Watch:
+    """Host-side facts about the tracked tensors, checked at every update (see module docstring).
+
+    ``entries``: ``(owner dict, key, tensor)`` for tensors of a module (empty for pairs);
+    ``sentinels``: ``(tensor, dtype, device)``, the first tensor of each group.
+    """
+
+    def __init__(self, model: nn.Module | None, live: dict[str, torch.Tensor]) -> None:
+        self.dirty = False
+        self.entries: list[tuple[dict[str, Any], str, torch.Tensor]] = []
+        self.module_ids: frozenset[int] = frozenset()
+        self.planned = {n: (t.shape, t.dtype, t.device) for n, t in live.items()}
+        groups: dict[tuple[bool, torch.dtype, torch.device], torch.Tensor] = {}
+        for tensor in live.values():
+            key = (isinstance(tensor, nn.Parameter), tensor.dtype, tensor.device)
+            groups.setdefault(key, tensor)
+        self.sentinels = [(t, dtype, device) for (_, dtype, device), t in groups.items()]
+        if model is not None:
+            for name, tensor in live.items():
+                found = owner_of(model, name)
+                if found is not None and found[0][found[1]] is tensor:
+                    self.entries.append((found[0], found[1], tensor))
+            self.module_ids = frozenset(id(m) for m in model.modules())
+            if not _HOOK:
+                _HOOK.append(
+                    nn.modules.module.register_module_module_registration_hook(_module_registered)
+                )
+            _WATCHES.add(self)
+
+    def stale(self) -> bool:
+        """Whether the model may no longer hold the planned tensors (cheap; false alarms are ok)."""
+        if self.dirty:
+            return True
+        for owner, key, tensor in self.entries:
+            if owner.get(key) is not tensor:
+                return True
+        for tensor, dtype, device in self.sentinels:
+            if tensor.dtype is not dtype or tensor.device != device:
+                return True
+        return False
+
+    def changes(
+        self, model: nn.Module | None, live: dict[str, torch.Tensor]
+    ) -> dict[str, tuple[torch.Tensor | None, str]]:
+        """Per tracked name whose tensor changed: the model's tensor now (``None`` if gone) and
+        what changed, in words."""
+        out: dict[str, tuple[torch.Tensor | None, str]] = {}
+        for name, old in live.items():
+            if model is None:
+                tensor = old
+            else:
+                found = owner_of(model, name)
+                if found is None:
+                    out[name] = (None, "is no longer in the model")
+                    continue
+                tensor = found[0][found[1]]
+            shape, dtype, device = self.planned[name]
+            what = []
+            if tensor is not old:
+                what.append("was replaced by another tensor object")
+            if tensor.shape != shape:
+                what.append(f"changed shape from {tuple(shape)} to {tuple(tensor.shape)}")
+            if tensor.dtype != dtype:
+                what.append(f"changed dtype from {dtype_name(dtype)} to {dtype_name(tensor.dtype)}")
+            if tensor.device != device:
+                what.append(f"moved from {device} to {tensor.device}")
+            if what:
+                out[name] = (tensor, " and ".join(what))
+        return out

@@ -1,0 +1,188 @@
+"""The EMA keeps averaging what the model holds (polyak._tracking), or says why it cannot.
+
+Every expected value is the closed form of one update with decay 0.5 from known shadows and known
+new weights, ``s' = 0.5 * s + 0.5 * θ`` in float64; a lerp rounds it within an ulp or two.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import polyak
+from polyak._tracking import Watch
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+
+
+def shadows(ema: polyak.EMA) -> dict[str, torch.Tensor]:
+    return {n: ema.average(n).detach().clone() for n in ema.names()}
+
+
+def assert_half_way(actual: torch.Tensor, shadow: torch.Tensor, theta: object) -> None:
+    """``actual`` is one decay-0.5 update of ``shadow`` towards ``theta`` (float64 reference)."""
+    theta = torch.as_tensor(theta).double()
+    expected = 0.5 * shadow.double() + 0.5 * theta
+    torch.testing.assert_close(actual.double(), expected.expand_as(actual), rtol=3e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "foreach", "fused"])
+def test_load_state_dict_assign_is_followed(kernel):
+    """The issue's case: ``assign=True`` puts new Parameter objects in the model."""
+    m = net()
+    e = polyak.EMA(m, decay=0.5, kernel=kernel)
+    before = shadows(e)
+    m.load_state_dict({k: torch.ones_like(v) for k, v in m.state_dict().items()}, assign=True)
+    e.update()
+    for name in ("0.weight", "0.bias", "1.weight", "1.running_mean", "1.running_var"):
+        assert_half_way(e.average(name), before[name], 1.0)
+    assert e.average("1.num_batches_tracked").item() == 1  # copied from the new buffer
+
+
+def test_replaced_layer_is_followed_and_watched_again():
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    before = shadows(e)
+    m[1] = nn.BatchNorm1d(8)  # weight 1, bias 0, mean 0, var 1
+    with torch.no_grad():
+        m[1].weight.fill_(3.0)
+    e.update()
+    assert_half_way(e.average("1.weight"), before["1.weight"], 3.0)
+    assert_half_way(e.average("1.running_var"), before["1.running_var"], 1.0)
+    # the new layer is watched from now on: a second replacement is seen too
+    m[1] = nn.BatchNorm1d(8)
+    e.update()
+    assert_half_way(e.average("1.weight"), 0.5 * before["1.weight"].double() + 1.5, 1.0)
+
+
+def test_swapped_puts_the_averages_into_the_new_tensors():
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    m.load_state_dict({k: torch.ones_like(v) for k, v in m.state_dict().items()}, assign=True)
+    e.update()
+    new = m[0].weight
+    with e.swapped():
+        assert torch.equal(m[0].weight, e.average("0.weight"))
+    assert m[0].weight is new and torch.equal(new, torch.ones_like(new))
+
+
+@pytest.mark.parametrize("kernel", ["reference", "foreach", "fused"])
+def test_half_model_is_followed_with_fp32_shadows(kernel):
+    m = net()
+    e = polyak.EMA(m, decay=0.5, kernel=kernel)
+    before = shadows(e)
+    m.half()  # parameters change dtype in place; buffers become new objects
+    with torch.no_grad():
+        m[0].weight.fill_(0.1)  # 0.1 in fp16 is 0.0999755859375
+    e.update()
+    assert e.average("0.weight").dtype == torch.float32
+    assert_half_way(e.average("0.weight"), before["0.weight"], 0.0999755859375)
+    assert_half_way(e.average("1.running_var"), before["1.running_var"], 1.0)  # var 1, new buffer
+
+
+def test_double_model_gets_float64_shadows_by_the_dtype_policy():
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    held = e.average("0.weight")
+    m.double()
+    with torch.no_grad():
+        m[0].weight.fill_(1 / 3)
+    e.update()
+    assert e.average("0.weight") is held and held.dtype == torch.float64  # same object, re-cast
+    # the fp32 start, cast exactly, then a float64 update: the float64 formula to its last bits
+    expected = 0.5 * net()[0].weight.detach().double() + 0.5 * (1 / 3)
+    torch.testing.assert_close(held, expected, rtol=1e-15, atol=1e-16)
+
+
+def test_partial_conversion_is_reported_then_followed():
+    """``model[1].half()`` alone changes tensors the cheap check does not look at: the kernel's
+    dtype check fails, the EMA names what changed, and the next update follows."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    e = polyak.EMA(m, decay=0.5)
+    m[1].half()
+    with pytest.raises(RuntimeError, match=r"1\.weight changed dtype from float32 to float16"):
+        e.update()
+    before = shadows(e)
+    e.update()  # follows now
+    assert_half_way(e.average("1.weight"), before["1.weight"], m[1].weight.float())
+
+
+@pytest.mark.parametrize("move", ["meta", "to_empty"])
+def test_moved_model_raises_naming_the_tensor_and_the_fix(move):
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    before = shadows(e)
+    if move == "meta":
+        m.to("meta")
+    else:
+        m.to_empty(device="meta")
+    with pytest.raises(
+        RuntimeError, match=r"0\.weight .*moved from cpu to meta[\s\S]*ema\.to\('meta'\)"
+    ):
+        e.update()
+    for name, value in before.items():  # nothing was changed
+        assert torch.equal(e.average(name), value)
+    e.to("meta")
+    e.update()  # follows after the documented fix
+    assert e.average("0.weight").is_meta
+
+
+def test_to_empty_on_the_same_device_is_followed():
+    """``to_empty`` keeps parameters (new storage, same objects) and makes new buffers; a
+    following in-place load is then averaged."""
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    before = shadows(e)
+    m.to_empty(device="cpu")
+    m.load_state_dict({k: torch.full_like(v, 2) for k, v in m.state_dict().items()})
+    e.update()
+    assert_half_way(e.average("1.running_mean"), before["1.running_mean"], 2.0)
+    assert_half_way(e.average("0.weight"), before["0.weight"], 2.0)
+
+
+def test_changed_shape_or_removed_tensor_raises_before_changing_anything():
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    before = shadows(e)
+    m[0] = nn.Linear(4, 3)
+    with pytest.raises(RuntimeError, match=r"0\.weight .*changed shape from \(8, 4\) to \(3, 4\)"):
+        e.update()
+    with pytest.raises(RuntimeError, match=r"Nothing was changed.*build a new EMA on it"):
+        e.update()
+    m[0] = nn.Linear(4, 8, bias=False)
+    with pytest.raises(RuntimeError, match=r"0\.bias is no longer in the model"):
+        e.update()
+    for name, value in before.items():
+        assert torch.equal(e.average(name), value)
+
+
+def test_pairs_follow_dtype_changes_of_their_tensors():
+    w = torch.zeros(3)
+    e = polyak.EMA([("w", w)], decay=0.5)
+    w.data = torch.full((3,), 2.0, dtype=torch.float64)
+    e.update()
+    assert e.average("w").dtype == torch.float64
+    assert torch.equal(e.average("w"), torch.ones(3, dtype=torch.float64))  # 0 + 0.5 * 2, exact
+
+
+def test_watch_costs_no_replanning_when_nothing_changed():
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    engine = e._engine
+    for _ in range(3):
+        m(torch.randn(4, 4))
+        e.update()
+    assert e._engine is engine  # not re-planned
+    watch = Watch(m, dict(m.named_parameters()))
+    assert not watch.stale()
+    nn.Module()  # building unrelated modules registers nothing on this model
+    other = nn.Sequential(nn.Linear(2, 2))
+    other[0] = nn.Linear(2, 2)
+    assert not watch.stale()
+    m[1] = nn.Identity()
+    assert watch.stale()
