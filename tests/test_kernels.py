@@ -417,3 +417,17 @@ def test_stochastic_needs_bf16_shadows():
     with pytest.raises(ValueError, match="cannot round stochastically"):
         _kernels.choose("foreach", [], rounding="stochastic")
     assert _kernels.choose("auto", [], rounding="stochastic") == "fused"
+
+
+def test_auto_on_cuda_takes_foreach_until_gpu_measurements_say_otherwise(monkeypatch):
+    """The rule for CUDA (issue 13): ``fused`` compiles per tensor at the first update and has
+    never run on a GPU, so ``auto`` takes ATen's multi-tensor lerp there, Triton or not; ``fused``
+    only where nothing else is right (stochastic rounding, capturable low-precision shadows)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(_kernels, "_has_triton", lambda: True)
+    cuda = [SimpleNamespace(dtype=d, is_cuda=True) for d in (torch.float32, torch.bfloat16)]
+    assert _kernels.choose("auto", cuda) == "foreach"
+    assert _kernels.choose("auto", cuda[:1], capturable=True) == "foreach"
+    assert _kernels.choose("auto", cuda[1:], capturable=True) == "fused"
+    assert _kernels.choose("auto", cuda[1:], rounding="stochastic") == "fused"

@@ -54,11 +54,13 @@ def choose(
 ) -> str:
     """The kernel to use: ``requested`` if it is a known name, else the fastest that applies.
 
-    ``tensors`` are the shadows. ``auto`` takes ``fused`` for stochastic rounding (no multi-tensor
-    op rounds stochastically), for capturable updates of bf16/fp16 shadows (a multi-tensor lerp
-    rounds a device weight to the shadow's dtype, see ``compute_dtype``), and when every tensor is
-    on a CUDA device with Triton available; ``foreach`` otherwise (on the CPU its speed is within a
-    few percent of the fused path for fp32, and it needs no compilation).
+    ``tensors`` are the shadows. ``auto`` takes ``fused`` only where nothing else is right: for
+    stochastic rounding (no multi-tensor op rounds stochastically) and for capturable updates of
+    bf16/fp16 shadows (a multi-tensor lerp rounds a device weight to the shadow's dtype, see
+    ``compute_dtype``). Everywhere else, on CUDA too, it takes ``foreach``: ATen's multi-tensor
+    lerp, which needs no compilation. ``fused`` compiles per tensor at the first update (minutes
+    for a large model by the CPU figures) and ``triton`` has not yet been measured on a GPU; the
+    rule for CUDA is to be set from GPU measurements (first-update time and steady speed).
     """
     if rounding not in ROUNDING:
         raise ValueError(f"rounding must be one of {ROUNDING}, got rounding={rounding!r}.")
@@ -66,8 +68,7 @@ def choose(
     if requested == "auto":
         if rounding == "stochastic" or (capturable and rounds_device_weight(dtypes)):
             return "fused"
-        on_cuda = bool(tensors) and all(t.is_cuda for t in tensors)
-        return "fused" if on_cuda and _has_triton() else "foreach"
+        return "foreach"
     if requested not in KERNELS:
         raise ValueError(f"unknown kernel {requested!r}; expected one of {['auto', *KERNELS]}.")
     if rounding == "stochastic" and requested == "foreach":
