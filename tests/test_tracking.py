@@ -84,6 +84,21 @@ def test_half_model_is_followed_with_fp32_shadows(kernel):
     assert_half_way(e.average("1.running_var"), before["1.running_var"], 1.0)  # var 1, new buffer
 
 
+@pytest.mark.parametrize("kernel", ["reference", "foreach"])
+def test_whole_model_conversion_without_buffers_is_followed(kernel):
+    """No buffer is replaced here: only the per-group dtype check can see ``model.half()``."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    e = polyak.EMA(m, decay=0.5, kernel=kernel)
+    before = shadows(e)
+    m.half()
+    with torch.no_grad():
+        m[1].weight.fill_(0.1)
+    e.update()  # no error, and the fp32 shadows average the fp16 values
+    assert_half_way(e.average("1.weight"), before["1.weight"], 0.0999755859375)
+    assert_half_way(e.average("0.weight"), before["0.weight"], m[0].weight.float())
+
+
 def test_double_model_gets_float64_shadows_by_the_dtype_policy():
     m = net()
     e = polyak.EMA(m, decay=0.5)
@@ -186,3 +201,21 @@ def test_watch_costs_no_replanning_when_nothing_changed():
     assert not watch.stale()
     m[1] = nn.Identity()
     assert watch.stale()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU machine)")
+def test_model_moved_to_cuda_in_place_is_named_and_followed_after_ema_to():
+    """``model.cuda()`` keeps the parameter objects and changes their device in place: only the
+    per-group device check can see it in a model without buffers."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    e = polyak.EMA(m, decay=0.5)
+    before = shadows(e)
+    m.cuda()
+    with pytest.raises(
+        RuntimeError, match=r"0\.weight moved from cpu to cuda:0[\s\S]*ema\.to\('cuda:0'\)"
+    ):
+        e.update()
+    e.to("cuda")
+    e.update()
+    assert_half_way(e.average("0.weight").cpu(), before["0.weight"], m[0].weight.cpu())
