@@ -7,6 +7,13 @@ Three references, from most to least independent of this code:
   * a NumPy emulation of TF's rounding (decay arithmetic in float32, ``1 - decay`` cast to the
     variable's dtype, then each op computed in float32 (half types) or natively and rounded to
     the dtype), and float64 closed forms.
+
+A bit-exact reference must be the same on every CPU. The emulation therefore uses only IEEE
+basic operations (+, -, *, /, rounding casts), which every SIMD flavour rounds the same way, and
+computes the one transcendental, the debiasing power, in exact arithmetic rounded once: numpy's
+float32 ``np.power`` is a different function on AVX-512 than on AVX2 (numpy picks its SIMD kernel
+by CPU). TF itself computes that power with the C library's ``powf``, which is not always
+correctly rounded; where the two differ, only the TensorFlow fixtures hold TF's bits.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import doctest
 import json
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -315,8 +323,7 @@ def test_apply_matches_tensorflow(case, device):
         assert torch.equal(ema.average(var), expected), k
 
 
-@pytest.mark.parametrize("case", _fixture("apply_values"), ids=_case_id)
-def test_apply_values_matches_tensorflow(case):
+def _check_apply_values_case(case: dict) -> None:
     dtype, num_updates = case["dtype"], case["num_updates"]
     step = torch.tensor(0)  # a step tensor updated in place, like TF's global_step
     ema = ptf.ExponentialMovingAverage(
@@ -326,7 +333,22 @@ def test_apply_values_matches_tensorflow(case):
         if num_updates:
             step.fill_(num_updates[k])
         ema.apply_values({"x": to_torch(value, dtype)})
-        assert torch.equal(ema.average("x"), to_torch(case["averages"][k], dtype)), k
+        assert torch.equal(ema.average("x"), to_torch(case["averages"][k], dtype)), k + 1
+
+
+@pytest.mark.parametrize("case", _fixture("apply_values"), ids=_case_id)
+def test_apply_values_matches_tensorflow(case):
+    _check_apply_values_case(case)
+
+
+@pytest.mark.parametrize("case", _fixture("apply_values_debiased"), ids=_case_id)
+def test_apply_values_debiased_40_steps_match_tensorflow(case):
+    """TF's debiasing factor ``1 - (1 - beta)^k`` at k = 1..40, bit for bit, for each dtype.
+
+    The float32 decay-0.997 case includes step 31, where the C library's ``powf`` that TF calls
+    is not correctly rounded (test_debiased_fixture_pins_tf_power_not_a_rounded_exact_one).
+    """
+    _check_apply_values_case(case)
 
 
 @pytest.mark.parametrize("case", _fixture("assign_moving_average"), ids=_case_id)
@@ -344,6 +366,7 @@ def test_assign_moving_average_matches_tensorflow(case):
 def test_tf_reference_fixture_is_present():
     assert FIXTURE.exists(), "run tests/fixtures/make_tf_reference.py (see its header)"
     assert len(_fixture("apply")) >= 4 * 6
+    assert len(_fixture("apply_values_debiased")) == 7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -476,17 +499,79 @@ def test_decay_edges(decay, expected):
 # apply_values: zero-initialised, debiased
 
 
+def f32_power(base: np.float32, k: int) -> np.float32:
+    """``base ** k`` rounded once to the nearest float32 (ties to even), in exact arithmetic.
+
+    The same on every CPU, unlike numpy's float32 ``np.power``, whose SIMD kernel numpy chooses by
+    CPU (on AVX-512 it is 1 ulp off at several steps of the test below).
+    """
+    exact = Fraction(float(base)) ** k
+    if exact == 0:
+        return np.float32(0)
+    exponent = exact.numerator.bit_length() - exact.denominator.bit_length()
+    if exact < Fraction(2) ** exponent:
+        exponent -= 1  # now 2**exponent <= exact < 2**(exponent + 1)
+    exponent = max(exponent, -126)  # subnormals share the smallest normal exponent's spacing
+    mantissa = round(exact * Fraction(2) ** (23 - exponent))  # Fraction rounds ties to even
+    return np.float32(mantissa * 2.0 ** (exponent - 23))  # exact in double, then in float32
+
+
 def np_debiased(values: list[np.ndarray], one_minus, dtype: str) -> list[np.ndarray]:
-    """TF's _zero_debias, each op rounded to ``dtype`` (float32 only: pow via float32 powf)."""
+    """TF's _zero_debias in float32: ``b -= (b - x) * beta; k += 1; s = b / (1 - (1 - beta)^k)``.
+
+    Each op is rounded to float32; the power is the exact power rounded once (:func:`f32_power`).
+    TF and polyak.tf call the C library's ``powf`` instead, which glibc rounds faithfully (error
+    at most 0.82 ulp) but not always correctly, so this emulation is TF's bits only where
+    ``powf`` is correctly rounded: at the decays and steps of the test below it is (glibc's FMA
+    and non-FMA builds alike, checked when this test was written); decay 0.997 at step 31 is a
+    step where it is not, see test_debiased_fixture_pins_tf_power_not_a_rounded_exact_one.
+    """
     assert dtype == "float32"
-    biased, step, out = np.zeros_like(values[0]), np.float32(0), []
+    biased, out = np.zeros_like(values[0]), []
     base = np.float32(1) - np.float32(one_minus)
-    for value in values:
+    for k, value in enumerate(values, start=1):
         biased = np_ema_step(biased, value, one_minus, dtype)
-        step = np.float32(step + np.float32(1))
-        factor = np.float32(1) - np.power(base, step)
+        factor = np.float32(1) - f32_power(base, k)
         out.append(biased / factor)
     return out
+
+
+def test_f32_power_rounds_the_exact_power_once():
+    assert f32_power(np.float32(0.5), 3) == np.float32(0.125)
+    assert f32_power(np.float32(3), 15) == np.float32(14348907)  # below 2**24: exact
+    assert f32_power(np.float32(3), 16) == np.float32(43046720)  # 43046721, float32 spacing 4
+    # 4097**2 = 2**24 + 8193 is halfway between two float32 (spacing 2): ties to even.
+    assert f32_power(np.float32(4097), 2) == np.float32(16785408)
+    # (2**-75)**2 = 2**-150 is halfway between 0 and the smallest subnormal: ties to even.
+    assert f32_power(np.float32(2.0**-75), 2) == np.float32(0)
+    assert f32_power(np.float32(1.5 * 2.0**-75), 2) == np.float32(2.0**-149)
+    assert f32_power(np.float32(0), 3) == np.float32(0)
+
+
+def test_debiased_fixture_pins_tf_power_not_a_rounded_exact_one():
+    """TF's debiased average equals the exact-power emulation at every step but one.
+
+    At decay 0.997 (float32), step 31, TF's factor is ``1 - powf(0.997, 31)`` with glibc's
+    ``powf`` = 0.91106558, where the exact power rounds to 0.91106552 (one ulp apart); after
+    ``1 - power`` cancels, TF's average is 6 to 10 ulp from the emulation's. A polyak.tf computing
+    the power in float64, exactly, or with a SIMD pow fails
+    test_apply_values_debiased_40_steps_match_tensorflow there.
+    """
+    (case,) = [
+        c
+        for c in _fixture("apply_values_debiased")
+        if c["dtype"] == "float32" and c["decay"] == 0.997
+    ]
+    values = [np.asarray(v, dtype=np.float32) for v in case["values"]]
+    emulated = np_debiased(values, np_one_minus(0.997, None, "float32"), "float32")
+    differ = [
+        k
+        for k, (mine, tf) in enumerate(zip(emulated, case["averages"], strict=True), start=1)
+        if not np.array_equal(mine, np.asarray(tf, dtype=np.float32))
+    ]
+    assert differ == [31]
+    base = np.float32(1) - np_one_minus(0.997, None, "float32")
+    assert f32_power(base, 31) == np.float32(0.91106552)
 
 
 @pytest.mark.parametrize(("decay", "num_updates"), [(0.9, None), (0.999, None), (0.99, 4)])
