@@ -832,7 +832,8 @@ def test_module_names_and_trainable_rule():
     for name in ["frozen", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]:
         assert restore[name] is net.state_dict(keep_vars=True)[name]
     assert len(restore) == 8
-    assert ema.variables_to_restore(["fc.bias"], model=net).keys() == {
+    restore = ema.variables_to_restore(["fc.bias"], model=net)
+    assert restore.keys() == {
         "fc.bias/ExponentialMovingAverage",
         "fc.weight",
         "bn.weight",
@@ -841,7 +842,71 @@ def test_module_names_and_trainable_rule():
         "bn.running_mean",
         "bn.running_var",
         "bn.num_batches_tracked",
+        # as in TF, the averages not restored into their variables are restored into themselves
+        "fc.weight/ExponentialMovingAverage",
+        "bn.weight/ExponentialMovingAverage",
+        "bn.bias/ExponentialMovingAverage",
     }
+    for name in ["fc.weight", "bn.weight", "bn.bias"]:
+        assert restore[f"{name}/ExponentialMovingAverage"] is ema.average(name)
+
+
+def _assert_same_tensors(restore: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]):
+    assert sorted(restore) == sorted(expected)
+    assert all(restore[name] is tensor for name, tensor in expected.items())
+
+
+@pytest.mark.parametrize("zero_debias", [False, True])
+def test_variables_to_restore_lists_averages_of_values_as_tf(tmp_path, zero_debias):
+    """TF's averageVariablesNamesHelper (moving_averages_test.py), both zero_debias values.
+
+    TF: ``v0``, ``v1`` trainable, ``v2`` not, ``tensor2 = v0 + v1`` (op name ``add``),
+    ``ema.apply([v0, v1, tensor2])`` with ``name="foo"``; ``variables_to_restore()`` is
+    ``{v0/foo: v0, v1/foo: v1, add/foo: add/foo, v2: v2}``, plus ``add/foo/biased`` and
+    ``add/foo/local_step`` (each itself) when debiased: the average of a tensor is a global
+    variable, restored under its own name. Here the tensor's average comes from apply_values.
+    """
+    v0 = torch.tensor(10.0, requires_grad=True)
+    v1 = torch.tensor(30.0, requires_grad=True)
+    v2 = torch.tensor(20.0)  # not trainable
+    model = {"v0": v0, "v1": v1, "v2": v2}
+    ema = ptf.ExponentialMovingAverage(0.25, zero_debias=zero_debias, name="foo")
+    assert ema.name == "foo"
+    assert [ema.average_name(n) for n in ("v0", "v1", "add")] == ["v0/foo", "v1/foo", "add/foo"]
+    ema.apply({"v0": v0, "v1": v1})
+    ema.apply_values({"add": v0.detach() + v1.detach()})
+    # TF's _CheckDecay: 0 * 0.25 + 40 * (1 - 0.25), divided by 1 - 0.25 ** 1 when debiased.
+    assert ema.average("add").item() == (40.0 if zero_debias else 30.0)
+
+    expected = {"v0/foo": v0, "v1/foo": v1, "add/foo": ema.average("add")}
+    if zero_debias:
+        state = ema.shadow_variables()
+        expected["add/foo/biased"] = state["add/foo/biased"]
+        expected["add/foo/local_step"] = state["add/foo/local_step"]
+    _assert_same_tensors(ema.variables_to_restore(), expected)  # v2 was never given
+    _assert_same_tensors(ema.variables_to_restore(model=model), {**expected, "v2": v2})
+
+    # Restoring through it brings the average of the values back, into another object.
+    path = tmp_path / "c.safetensors"
+    ptf.save_checkpoint(path, model, ema)
+    other = ptf.ExponentialMovingAverage(0.25, zero_debias=zero_debias, name="foo")
+    other.apply({"v0": v0, "v1": v1})
+    other.apply_values({"add": torch.tensor(0.0)})
+    ptf.restore_checkpoint(path, other.variables_to_restore(model=model))
+    for name, tensor in ema.shadow_variables().items():
+        assert torch.equal(other.shadow_variables()[name], tensor), name
+
+
+def test_variables_to_restore_lists_the_shadows_not_restored_into_variables_as_tf():
+    """TF 2.21 for ``v0``, ``v1`` averaged and ``variables_to_restore([v0])``: ``v1`` is restored
+    from its own name and its average ``v1/foo``, a global variable, from its own name too:
+    ``{v0/foo: v0, v1: v1, v1/foo: v1/foo, v2: v2}``."""
+    v0, v1 = torch.tensor(10.0, requires_grad=True), torch.tensor(30.0, requires_grad=True)
+    v2 = torch.tensor(20.0)
+    ema = ptf.ExponentialMovingAverage(0.25, name="foo")
+    ema.apply({"v0": v0, "v1": v1})
+    restore = ema.variables_to_restore(["v0"], model={"v0": v0, "v1": v1, "v2": v2})
+    _assert_same_tensors(restore, {"v0/foo": v0, "v1": v1, "v1/foo": ema.average("v1"), "v2": v2})
 
 
 def test_variables_to_restore_tied_weights_restore_once():

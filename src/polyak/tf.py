@@ -797,6 +797,13 @@ class ExponentialMovingAverage:
         :func:`restore_checkpoint`. Seed 002:
         ``{"my_scope/weights/ExponentialMovingAverage": W, "global_step": global_step}``.
 
+        As in TF, this object's own tensors (:meth:`shadow_variables`) are variables too: each
+        one whose name is not already a key is restored into itself under its own name. That
+        lists the averages of values (``"loss/<ema name>"``, with ``.../biased`` and
+        ``.../local_step`` when debiased) and the averages of variables that are not restored
+        from them, so a checkpoint written by :func:`save_checkpoint` with this object resumes
+        them too.
+
         TF takes the variables from the graph; here they come from ``model``:
 
         * an ``nn.Module``: every entry of ``model.state_dict()`` (parameters and buffers) is a
@@ -834,7 +841,9 @@ class ExponentialMovingAverage:
             restore[self.average_name(name)] = tensor
         averaged_names = {n for n, _ in pairs}
         averaged_ids = {id(t) for _, t in pairs}
-        for name, tensor in variables.items():
+        # TF's global variables include this object's own: its shadows are variables too.
+        own = self.shadow_variables()
+        for name, tensor in [*variables.items(), *own.items()]:
             if name in averaged_names or name in restore or id(tensor) in averaged_ids:
                 continue
             restore[name] = tensor
