@@ -93,6 +93,28 @@ def np_ema_step(shadow: np.ndarray, value: np.ndarray, one_minus, dtype: str) ->
     return _round(w(shadow) - delta, dtype)
 
 
+def f32_round(exact: Fraction) -> np.float32:
+    """The float32 nearest to an exact rational (ties to even): one rounding, the same anywhere."""
+    if exact == 0:
+        return np.float32(0)
+    sign, exact = (-1.0 if exact < 0 else 1.0), abs(exact)
+    exponent = exact.numerator.bit_length() - exact.denominator.bit_length()
+    if exact < Fraction(2) ** exponent:
+        exponent -= 1  # now 2**exponent <= exact < 2**(exponent + 1)
+    exponent = max(exponent, -126)  # subnormals share the smallest normal exponent's spacing
+    mantissa = round(exact * Fraction(2) ** (23 - exponent))  # Fraction rounds ties to even
+    return np.float32(sign * mantissa * 2.0 ** (exponent - 23))  # exact in double and float32
+
+
+def f32_power(base: np.float32, k: int) -> np.float32:
+    """``base ** k`` rounded once to float32, in exact arithmetic.
+
+    The same on every CPU, unlike numpy's float32 ``np.power``, whose SIMD kernel numpy chooses by
+    CPU (on AVX-512 it is 1 ulp off at several steps of the debiasing tests).
+    """
+    return f32_round(Fraction(float(base)) ** k)
+
+
 def to_torch(x: np.ndarray, dtype: str, device: str = "cpu") -> torch.Tensor:
     return torch.tensor(np.asarray(x, dtype=np.float64)).to(device, DTYPES[dtype])  # a copy
 
@@ -404,18 +426,34 @@ def test_one_minus_decay_is_rounded_in_float32_then_cast():
     assert beta != 1 - 0.999
 
 
-def test_not_lerp():
-    """TF's three rounded ops differ from torch.lerp in float32 for some inputs."""
+def test_not_a_fused_lerp():
+    """TF's three rounded ops differ from a lerp rounded once, ``fl(s + beta * fl(v - s))``.
+
+    That single rounding is what ``torch.lerp`` computes where it uses a fused multiply-add
+    (torch's AVX2 and AVX-512 CPU kernels). torch's default CPU kernels, for CPUs without
+    AVX2, round the product first, and then ``s + fl(beta * fl(v - s))`` equals TF's
+    ``s - fl(fl(s - v) * beta)`` bit for bit (negation is exact), so the reference here is the
+    single rounding computed exactly, not ``torch.lerp``, whose bits depend on the CPU.
+    """
     rng = np.random.default_rng(3)
-    shadow = torch.from_numpy(rng.standard_normal(4096).astype(np.float32))
-    value = torch.from_numpy(rng.standard_normal(4096).astype(np.float32))
-    beta = float(np.float32(1) - np.float32(0.9))
+    shadow = rng.standard_normal(4096).astype(np.float32)
+    value = rng.standard_normal(4096).astype(np.float32)
+    beta = np.float32(1) - np.float32(0.9)
     ema = ptf.ExponentialMovingAverage(0.9)
-    ema.apply({"v": shadow})
-    ema.apply({"v": value})
-    assert not torch.equal(ema.average("v"), torch.lerp(shadow, value, beta))
-    expected = np_ema_step(shadow.numpy(), value.numpy(), np.float32(beta), "float32")
+    ema.apply({"v": torch.from_numpy(shadow.copy())})
+    ema.apply({"v": torch.from_numpy(value)})
+    expected = np_ema_step(shadow, value, beta, "float32")
     assert torch.equal(ema.average("v"), torch.from_numpy(expected))
+    diff = value - shadow  # float32, rounded once
+    fused = np.array(
+        [
+            f32_round(Fraction(float(s)) + Fraction(float(beta)) * Fraction(float(d)))
+            for s, d in zip(shadow, diff, strict=True)
+        ],
+        dtype=np.float32,
+    )
+    differ = int(np.count_nonzero(fused != expected))
+    assert differ > 0.05 * shadow.size, differ  # 519 of 4096 when written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,23 +537,6 @@ def test_decay_edges(decay, expected):
 # apply_values: zero-initialised, debiased
 
 
-def f32_power(base: np.float32, k: int) -> np.float32:
-    """``base ** k`` rounded once to the nearest float32 (ties to even), in exact arithmetic.
-
-    The same on every CPU, unlike numpy's float32 ``np.power``, whose SIMD kernel numpy chooses by
-    CPU (on AVX-512 it is 1 ulp off at several steps of the test below).
-    """
-    exact = Fraction(float(base)) ** k
-    if exact == 0:
-        return np.float32(0)
-    exponent = exact.numerator.bit_length() - exact.denominator.bit_length()
-    if exact < Fraction(2) ** exponent:
-        exponent -= 1  # now 2**exponent <= exact < 2**(exponent + 1)
-    exponent = max(exponent, -126)  # subnormals share the smallest normal exponent's spacing
-    mantissa = round(exact * Fraction(2) ** (23 - exponent))  # Fraction rounds ties to even
-    return np.float32(mantissa * 2.0 ** (exponent - 23))  # exact in double, then in float32
-
-
 def np_debiased(values: list[np.ndarray], one_minus, dtype: str) -> list[np.ndarray]:
     """TF's _zero_debias in float32: ``b -= (b - x) * beta; k += 1; s = b / (1 - (1 - beta)^k)``.
 
@@ -546,6 +567,8 @@ def test_f32_power_rounds_the_exact_power_once():
     assert f32_power(np.float32(2.0**-75), 2) == np.float32(0)
     assert f32_power(np.float32(1.5 * 2.0**-75), 2) == np.float32(2.0**-149)
     assert f32_power(np.float32(0), 3) == np.float32(0)
+    assert f32_power(np.float32(-3), 3) == np.float32(-27)
+    assert f32_round(Fraction(-1, 3)) == np.float32(-1 / 3)
 
 
 def test_debiased_fixture_pins_tf_power_not_a_rounded_exact_one():

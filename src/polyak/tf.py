@@ -22,8 +22,10 @@ rounded once more to the variable's dtype. Each shadow :math:`s` of a variable :
     s \leftarrow s - (s - v)\,\beta
 
 as three separately rounded operations in the variable's dtype (subtract, multiply, subtract),
-which is TF's ``assign_sub``. This is *not* ``torch.lerp`` or ``addcmul``: those round
-differently. Mathematically it is :math:`s \leftarrow \hat d\, s + (1 - \hat d)\, v`.
+which is TF's ``assign_sub``. This is *not* ``torch.lerp`` or ``addcmul``: torch's AVX2 and
+AVX-512 CPU kernels compute those with a fused multiply-add, rounded once (its default kernels,
+for CPUs without AVX2, happen to round like TF). Mathematically it is
+:math:`s \leftarrow \hat d\, s + (1 - \hat d)\, v`.
 
 Averages of values (:meth:`ExponentialMovingAverage.apply_values`, TF's averages of tensors) start
 from zero. With ``zero_debias=True`` they keep a hidden biased average :math:`b` and a step count
