@@ -7,6 +7,13 @@ Three references, from most to least independent of this code:
   * a NumPy emulation of TF's rounding (decay arithmetic in float32, ``1 - decay`` cast to the
     variable's dtype, then each op computed in float32 (half types) or natively and rounded to
     the dtype), and float64 closed forms.
+
+A bit-exact reference must be the same on every CPU. The emulation therefore uses only IEEE
+basic operations (+, -, *, /, rounding casts), which every SIMD flavour rounds the same way, and
+computes the one transcendental, the debiasing power, in exact arithmetic rounded once: numpy's
+float32 ``np.power`` is a different function on AVX-512 than on AVX2 (numpy picks its SIMD kernel
+by CPU). TF itself computes that power with the C library's ``powf``, which is not always
+correctly rounded; where the two differ, only the TensorFlow fixtures hold TF's bits.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import doctest
 import json
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +91,28 @@ def np_ema_step(shadow: np.ndarray, value: np.ndarray, one_minus, dtype: str) ->
     diff = _round(w(shadow) - w(value), dtype)
     delta = _round(diff * w(one_minus), dtype)
     return _round(w(shadow) - delta, dtype)
+
+
+def f32_round(exact: Fraction) -> np.float32:
+    """The float32 nearest to an exact rational (ties to even): one rounding, the same anywhere."""
+    if exact == 0:
+        return np.float32(0)
+    sign, exact = (-1.0 if exact < 0 else 1.0), abs(exact)
+    exponent = exact.numerator.bit_length() - exact.denominator.bit_length()
+    if exact < Fraction(2) ** exponent:
+        exponent -= 1  # now 2**exponent <= exact < 2**(exponent + 1)
+    exponent = max(exponent, -126)  # subnormals share the smallest normal exponent's spacing
+    mantissa = round(exact * Fraction(2) ** (23 - exponent))  # Fraction rounds ties to even
+    return np.float32(sign * mantissa * 2.0 ** (exponent - 23))  # exact in double and float32
+
+
+def f32_power(base: np.float32, k: int) -> np.float32:
+    """``base ** k`` rounded once to float32, in exact arithmetic.
+
+    The same on every CPU, unlike numpy's float32 ``np.power``, whose SIMD kernel numpy chooses by
+    CPU (on AVX-512 it is 1 ulp off at several steps of the debiasing tests).
+    """
+    return f32_round(Fraction(float(base)) ** k)
 
 
 def to_torch(x: np.ndarray, dtype: str, device: str = "cpu") -> torch.Tensor:
@@ -315,8 +345,7 @@ def test_apply_matches_tensorflow(case, device):
         assert torch.equal(ema.average(var), expected), k
 
 
-@pytest.mark.parametrize("case", _fixture("apply_values"), ids=_case_id)
-def test_apply_values_matches_tensorflow(case):
+def _check_apply_values_case(case: dict) -> None:
     dtype, num_updates = case["dtype"], case["num_updates"]
     step = torch.tensor(0)  # a step tensor updated in place, like TF's global_step
     ema = ptf.ExponentialMovingAverage(
@@ -326,7 +355,22 @@ def test_apply_values_matches_tensorflow(case):
         if num_updates:
             step.fill_(num_updates[k])
         ema.apply_values({"x": to_torch(value, dtype)})
-        assert torch.equal(ema.average("x"), to_torch(case["averages"][k], dtype)), k
+        assert torch.equal(ema.average("x"), to_torch(case["averages"][k], dtype)), k + 1
+
+
+@pytest.mark.parametrize("case", _fixture("apply_values"), ids=_case_id)
+def test_apply_values_matches_tensorflow(case):
+    _check_apply_values_case(case)
+
+
+@pytest.mark.parametrize("case", _fixture("apply_values_debiased"), ids=_case_id)
+def test_apply_values_debiased_40_steps_match_tensorflow(case):
+    """TF's debiasing factor ``1 - (1 - beta)^k`` at k = 1..40, bit for bit, for each dtype.
+
+    The float32 decay-0.997 case includes step 31, where the C library's ``powf`` that TF calls
+    is not correctly rounded (test_debiased_fixture_pins_tf_power_not_a_rounded_exact_one).
+    """
+    _check_apply_values_case(case)
 
 
 @pytest.mark.parametrize("case", _fixture("assign_moving_average"), ids=_case_id)
@@ -344,6 +388,7 @@ def test_assign_moving_average_matches_tensorflow(case):
 def test_tf_reference_fixture_is_present():
     assert FIXTURE.exists(), "run tests/fixtures/make_tf_reference.py (see its header)"
     assert len(_fixture("apply")) >= 4 * 6
+    assert len(_fixture("apply_values_debiased")) == 7
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,18 +426,34 @@ def test_one_minus_decay_is_rounded_in_float32_then_cast():
     assert beta != 1 - 0.999
 
 
-def test_not_lerp():
-    """TF's three rounded ops differ from torch.lerp in float32 for some inputs."""
+def test_not_a_fused_lerp():
+    """TF's three rounded ops differ from a lerp rounded once, ``fl(s + beta * fl(v - s))``.
+
+    That single rounding is what ``torch.lerp`` computes where it uses a fused multiply-add
+    (torch's AVX2 and AVX-512 CPU kernels). torch's default CPU kernels, for CPUs without
+    AVX2, round the product first, and then ``s + fl(beta * fl(v - s))`` equals TF's
+    ``s - fl(fl(s - v) * beta)`` bit for bit (negation is exact), so the reference here is the
+    single rounding computed exactly, not ``torch.lerp``, whose bits depend on the CPU.
+    """
     rng = np.random.default_rng(3)
-    shadow = torch.from_numpy(rng.standard_normal(4096).astype(np.float32))
-    value = torch.from_numpy(rng.standard_normal(4096).astype(np.float32))
-    beta = float(np.float32(1) - np.float32(0.9))
+    shadow = rng.standard_normal(4096).astype(np.float32)
+    value = rng.standard_normal(4096).astype(np.float32)
+    beta = np.float32(1) - np.float32(0.9)
     ema = ptf.ExponentialMovingAverage(0.9)
-    ema.apply({"v": shadow})
-    ema.apply({"v": value})
-    assert not torch.equal(ema.average("v"), torch.lerp(shadow, value, beta))
-    expected = np_ema_step(shadow.numpy(), value.numpy(), np.float32(beta), "float32")
+    ema.apply({"v": torch.from_numpy(shadow.copy())})
+    ema.apply({"v": torch.from_numpy(value)})
+    expected = np_ema_step(shadow, value, beta, "float32")
     assert torch.equal(ema.average("v"), torch.from_numpy(expected))
+    diff = value - shadow  # float32, rounded once
+    fused = np.array(
+        [
+            f32_round(Fraction(float(s)) + Fraction(float(beta)) * Fraction(float(d)))
+            for s, d in zip(shadow, diff, strict=True)
+        ],
+        dtype=np.float32,
+    )
+    differ = int(np.count_nonzero(fused != expected))
+    assert differ > 0.05 * shadow.size, differ  # 519 of 4096 when written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,16 +538,63 @@ def test_decay_edges(decay, expected):
 
 
 def np_debiased(values: list[np.ndarray], one_minus, dtype: str) -> list[np.ndarray]:
-    """TF's _zero_debias, each op rounded to ``dtype`` (float32 only: pow via float32 powf)."""
+    """TF's _zero_debias in float32: ``b -= (b - x) * beta; k += 1; s = b / (1 - (1 - beta)^k)``.
+
+    Each op is rounded to float32; the power is the exact power rounded once (:func:`f32_power`).
+    TF and polyak.tf call the C library's ``powf`` instead, which glibc rounds faithfully (error
+    at most 0.82 ulp) but not always correctly, so this emulation is TF's bits only where
+    ``powf`` is correctly rounded: at the decays and steps of the test below it is (glibc's FMA
+    and non-FMA builds alike, checked when this test was written); decay 0.997 at step 31 is a
+    step where it is not, see test_debiased_fixture_pins_tf_power_not_a_rounded_exact_one.
+    """
     assert dtype == "float32"
-    biased, step, out = np.zeros_like(values[0]), np.float32(0), []
+    biased, out = np.zeros_like(values[0]), []
     base = np.float32(1) - np.float32(one_minus)
-    for value in values:
+    for k, value in enumerate(values, start=1):
         biased = np_ema_step(biased, value, one_minus, dtype)
-        step = np.float32(step + np.float32(1))
-        factor = np.float32(1) - np.power(base, step)
+        factor = np.float32(1) - f32_power(base, k)
         out.append(biased / factor)
     return out
+
+
+def test_f32_power_rounds_the_exact_power_once():
+    assert f32_power(np.float32(0.5), 3) == np.float32(0.125)
+    assert f32_power(np.float32(3), 15) == np.float32(14348907)  # below 2**24: exact
+    assert f32_power(np.float32(3), 16) == np.float32(43046720)  # 43046721, float32 spacing 4
+    # 4097**2 = 2**24 + 8193 is halfway between two float32 (spacing 2): ties to even.
+    assert f32_power(np.float32(4097), 2) == np.float32(16785408)
+    # (2**-75)**2 = 2**-150 is halfway between 0 and the smallest subnormal: ties to even.
+    assert f32_power(np.float32(2.0**-75), 2) == np.float32(0)
+    assert f32_power(np.float32(1.5 * 2.0**-75), 2) == np.float32(2.0**-149)
+    assert f32_power(np.float32(0), 3) == np.float32(0)
+    assert f32_power(np.float32(-3), 3) == np.float32(-27)
+    assert f32_round(Fraction(-1, 3)) == np.float32(-1 / 3)
+
+
+def test_debiased_fixture_pins_tf_power_not_a_rounded_exact_one():
+    """TF's debiased average equals the exact-power emulation at every step but one.
+
+    At decay 0.997 (float32), step 31, TF's factor is ``1 - powf(0.997, 31)`` with glibc's
+    ``powf`` = 0.91106558, where the exact power rounds to 0.91106552 (one ulp apart); after
+    ``1 - power`` cancels, TF's average is 6 to 10 ulp from the emulation's. A polyak.tf computing
+    the power in float64, exactly, or with a SIMD pow fails
+    test_apply_values_debiased_40_steps_match_tensorflow there.
+    """
+    (case,) = [
+        c
+        for c in _fixture("apply_values_debiased")
+        if c["dtype"] == "float32" and c["decay"] == 0.997
+    ]
+    values = [np.asarray(v, dtype=np.float32) for v in case["values"]]
+    emulated = np_debiased(values, np_one_minus(0.997, None, "float32"), "float32")
+    differ = [
+        k
+        for k, (mine, tf) in enumerate(zip(emulated, case["averages"], strict=True), start=1)
+        if not np.array_equal(mine, np.asarray(tf, dtype=np.float32))
+    ]
+    assert differ == [31]
+    base = np.float32(1) - np_one_minus(0.997, None, "float32")
+    assert f32_power(base, 31) == np.float32(0.91106552)
 
 
 @pytest.mark.parametrize(("decay", "num_updates"), [(0.9, None), (0.999, None), (0.99, 4)])
@@ -747,7 +855,8 @@ def test_module_names_and_trainable_rule():
     for name in ["frozen", "bn.running_mean", "bn.running_var", "bn.num_batches_tracked"]:
         assert restore[name] is net.state_dict(keep_vars=True)[name]
     assert len(restore) == 8
-    assert ema.variables_to_restore(["fc.bias"], model=net).keys() == {
+    restore = ema.variables_to_restore(["fc.bias"], model=net)
+    assert restore.keys() == {
         "fc.bias/ExponentialMovingAverage",
         "fc.weight",
         "bn.weight",
@@ -756,7 +865,71 @@ def test_module_names_and_trainable_rule():
         "bn.running_mean",
         "bn.running_var",
         "bn.num_batches_tracked",
+        # as in TF, the averages not restored into their variables are restored into themselves
+        "fc.weight/ExponentialMovingAverage",
+        "bn.weight/ExponentialMovingAverage",
+        "bn.bias/ExponentialMovingAverage",
     }
+    for name in ["fc.weight", "bn.weight", "bn.bias"]:
+        assert restore[f"{name}/ExponentialMovingAverage"] is ema.average(name)
+
+
+def _assert_same_tensors(restore: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]):
+    assert sorted(restore) == sorted(expected)
+    assert all(restore[name] is tensor for name, tensor in expected.items())
+
+
+@pytest.mark.parametrize("zero_debias", [False, True])
+def test_variables_to_restore_lists_averages_of_values_as_tf(tmp_path, zero_debias):
+    """TF's averageVariablesNamesHelper (moving_averages_test.py), both zero_debias values.
+
+    TF: ``v0``, ``v1`` trainable, ``v2`` not, ``tensor2 = v0 + v1`` (op name ``add``),
+    ``ema.apply([v0, v1, tensor2])`` with ``name="foo"``; ``variables_to_restore()`` is
+    ``{v0/foo: v0, v1/foo: v1, add/foo: add/foo, v2: v2}``, plus ``add/foo/biased`` and
+    ``add/foo/local_step`` (each itself) when debiased: the average of a tensor is a global
+    variable, restored under its own name. Here the tensor's average comes from apply_values.
+    """
+    v0 = torch.tensor(10.0, requires_grad=True)
+    v1 = torch.tensor(30.0, requires_grad=True)
+    v2 = torch.tensor(20.0)  # not trainable
+    model = {"v0": v0, "v1": v1, "v2": v2}
+    ema = ptf.ExponentialMovingAverage(0.25, zero_debias=zero_debias, name="foo")
+    assert ema.name == "foo"
+    assert [ema.average_name(n) for n in ("v0", "v1", "add")] == ["v0/foo", "v1/foo", "add/foo"]
+    ema.apply({"v0": v0, "v1": v1})
+    ema.apply_values({"add": v0.detach() + v1.detach()})
+    # TF's _CheckDecay: 0 * 0.25 + 40 * (1 - 0.25), divided by 1 - 0.25 ** 1 when debiased.
+    assert ema.average("add").item() == (40.0 if zero_debias else 30.0)
+
+    expected = {"v0/foo": v0, "v1/foo": v1, "add/foo": ema.average("add")}
+    if zero_debias:
+        state = ema.shadow_variables()
+        expected["add/foo/biased"] = state["add/foo/biased"]
+        expected["add/foo/local_step"] = state["add/foo/local_step"]
+    _assert_same_tensors(ema.variables_to_restore(), expected)  # v2 was never given
+    _assert_same_tensors(ema.variables_to_restore(model=model), {**expected, "v2": v2})
+
+    # Restoring through it brings the average of the values back, into another object.
+    path = tmp_path / "c.safetensors"
+    ptf.save_checkpoint(path, model, ema)
+    other = ptf.ExponentialMovingAverage(0.25, zero_debias=zero_debias, name="foo")
+    other.apply({"v0": v0, "v1": v1})
+    other.apply_values({"add": torch.tensor(0.0)})
+    ptf.restore_checkpoint(path, other.variables_to_restore(model=model))
+    for name, tensor in ema.shadow_variables().items():
+        assert torch.equal(other.shadow_variables()[name], tensor), name
+
+
+def test_variables_to_restore_lists_the_shadows_not_restored_into_variables_as_tf():
+    """TF 2.21 for ``v0``, ``v1`` averaged and ``variables_to_restore([v0])``: ``v1`` is restored
+    from its own name and its average ``v1/foo``, a global variable, from its own name too:
+    ``{v0/foo: v0, v1: v1, v1/foo: v1/foo, v2: v2}``."""
+    v0, v1 = torch.tensor(10.0, requires_grad=True), torch.tensor(30.0, requires_grad=True)
+    v2 = torch.tensor(20.0)
+    ema = ptf.ExponentialMovingAverage(0.25, name="foo")
+    ema.apply({"v0": v0, "v1": v1})
+    restore = ema.variables_to_restore(["v0"], model={"v0": v0, "v1": v1, "v2": v2})
+    _assert_same_tensors(restore, {"v0/foo": v0, "v1": v1, "v1/foo": ema.average("v1"), "v2": v2})
 
 
 def test_variables_to_restore_tied_weights_restore_once():

@@ -22,8 +22,10 @@ rounded once more to the variable's dtype. Each shadow :math:`s` of a variable :
     s \leftarrow s - (s - v)\,\beta
 
 as three separately rounded operations in the variable's dtype (subtract, multiply, subtract),
-which is TF's ``assign_sub``. This is *not* ``torch.lerp`` or ``addcmul``: those round
-differently. Mathematically it is :math:`s \leftarrow \hat d\, s + (1 - \hat d)\, v`.
+which is TF's ``assign_sub``. This is *not* ``torch.lerp`` or ``addcmul``: torch's AVX2 and
+AVX-512 CPU kernels compute those with a fused multiply-add, rounded once (its default kernels,
+for CPUs without AVX2, happen to round like TF). Mathematically it is
+:math:`s \leftarrow \hat d\, s + (1 - \hat d)\, v`.
 
 Averages of values (:meth:`ExponentialMovingAverage.apply_values`, TF's averages of tensors) start
 from zero. With ``zero_debias=True`` they keep a hidden biased average :math:`b` and a step count
@@ -36,7 +38,24 @@ from zero. With ``zero_debias=True`` they keep a hidden biased average :math:`b`
     s = \frac{b}{1 - (1 - \beta)^{k}}
 
 where :math:`1 - \beta` is recomputed in the value's dtype from the already rounded
-:math:`\beta`, as TF does.
+:math:`\beta`, as TF does. The power is one scalar call of the C library's ``pow`` for the
+dtype (``powf`` for float32 and, through float32, for the half types): ``torch.pow`` on two 0-dim
+CPU tensors runs torch's scalar loop (``std::pow``), which is the call TF's CPU kernel makes for
+this 0-dim power. glibc's ``powf`` is faithfully rounded (at most 0.82 ulp) but not always
+correctly rounded (decay 0.997 at :math:`k = 31` is one ulp off the exact power), so a correctly
+rounded or vectorised power would not give TF's bits. On CUDA the power is CUDA's ``powf``.
+
+Which bits are TF's
+-------------------
+On the CPU every average equals, bit for bit, the one TF computes on the same machine: the
+update uses only IEEE additions, subtractions, multiplications, divisions and rounding casts,
+which every CPU and SIMD flavour rounds alike, and the debiasing power is the C library call
+that TF makes. glibc chooses an FMA or a non-FMA build of ``powf`` by CPU; the two disagree on
+about 2 in 10^7 (base, exponent) pairs (9 of 48 million compared), none of those the float32
+and half-precision tests use.
+Exceptions: TF's CPU kernels flush subnormal numbers (below about 1.2e-38 in float32) to zero,
+and this layer keeps them, as IEEE arithmetic does; another C library (macOS, Windows, musl)
+has another ``powf``, and debiased averages then follow it.
 
 Porting guide
 -------------
@@ -203,6 +222,9 @@ def _debiased_step_(average: Tensor, value: Tensor, one_minus: float, state: _De
     """TF's ``_zero_debias``: ``b -= (b - x) * beta; k += 1; average = b / (1 - (1 - beta) ** k)``.
 
     ``1 - beta``, the power, ``1 - power`` and the division are each rounded in the tensor's dtype.
+    The power is a 0-dim ``torch.pow``: on the CPU one scalar call of the C library's ``powf``
+    (``pow`` for float64), as in TF's kernel; do not vectorise it or compute it in float64, which
+    rounds differently (module docstring).
     """
     _ema_step_(state.biased, value, one_minus)
     state.local_step.add_(1)
@@ -777,6 +799,13 @@ class ExponentialMovingAverage:
         :func:`restore_checkpoint`. Seed 002:
         ``{"my_scope/weights/ExponentialMovingAverage": W, "global_step": global_step}``.
 
+        As in TF, this object's own tensors (:meth:`shadow_variables`) are variables too: each
+        one whose name is not already a key is restored into itself under its own name. That
+        lists the averages of values (``"loss/<ema name>"``, with ``.../biased`` and
+        ``.../local_step`` when debiased) and the averages of variables that are not restored
+        from them, so a checkpoint written by :func:`save_checkpoint` with this object resumes
+        them too.
+
         TF takes the variables from the graph; here they come from ``model``:
 
         * an ``nn.Module``: every entry of ``model.state_dict()`` (parameters and buffers) is a
@@ -814,7 +843,9 @@ class ExponentialMovingAverage:
             restore[self.average_name(name)] = tensor
         averaged_names = {n for n, _ in pairs}
         averaged_ids = {id(t) for _, t in pairs}
-        for name, tensor in variables.items():
+        # TF's global variables include this object's own: its shadows are variables too.
+        own = self.shadow_variables()
+        for name, tensor in [*variables.items(), *own.items()]:
             if name in averaged_names or name in restore or id(tensor) in averaged_ids:
                 continue
             restore[name] = tensor
