@@ -168,8 +168,14 @@ class EMA:
             ``copy_to()`` and ``restore()`` (copies in place), not ``swapped()`` (which re-points
             the parameters). All tracked tensors must be on one device.
 
-    The tracked set is fixed at construction. ``EMA`` is a plain object, not an ``nn.Module``: stored
-    as a model attribute it does not add the shadows to the model's state dict.
+    The tracked names are fixed at construction; the tensors behind them are followed: when the
+    model replaces one by a tensor of the same shape (``load_state_dict(..., assign=True)``, a new
+    layer) or changes its dtype (``model.half()``), the next update averages what the model holds
+    (shadows re-cast by the dtype policy); a removed, reshaped or moved tensor raises an error
+    naming it (see :mod:`polyak._tracking`). ``EMA`` is a plain object, not an ``nn.Module``:
+    stored as a model attribute it does not add the shadows to the model's state dict;
+    ``copy.deepcopy`` copies it onto the copied tensors, and pickling it raises (save
+    :meth:`state_dict` instead).
 
     BatchNorm (seed 004): ``update()`` checks after averaging updates 1, 10, 100 and every 1000th, from version
     counters alone (no sync), that layers whose weights moved also saw a training-mode forward, and
