@@ -59,6 +59,27 @@ def test_replaced_layer_is_followed_and_watched_again():
     assert_half_way(e.average("1.weight"), 0.5 * before["1.weight"].double() + 1.5, 1.0)
 
 
+def test_one_replaced_parameter_is_followed():
+    """Not a group's first tensor, not a buffer: the parameter-registration hook sees it."""
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    before = shadows(e)
+    m[1].bias = nn.Parameter(torch.full((8,), 4.0))
+    e.update()
+    assert_half_way(e.average("1.bias"), before["1.bias"], 4.0)
+
+
+def test_unrelated_registration_renews_the_watch_without_replanning():
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    engine = e._engine
+    m.head = nn.Linear(8, 2)  # untracked (the tracked names are fixed), but registered on m
+    assert e._watch.stale()
+    e.update()
+    assert e._engine is engine and not e._watch.stale()  # no re-plan, and the flag cleared
+    assert "head.weight" not in e.names()
+
+
 def test_swapped_puts_the_averages_into_the_new_tensors():
     m = net()
     e = polyak.EMA(m, decay=0.5)

@@ -5,18 +5,23 @@ A model or ``(name, tensor)`` pairs become an ordered list of ``(name, live tens
 writes and ``param.data = ...`` are seen; but users also replace those objects
 (``model.load_state_dict(sd, assign=True)``, ``model.fc = nn.Linear(...)``, ``model.to(...)``,
 which makes new buffer objects) or change their dtype or device in place (``model.half()``,
-``model.to("meta")``). :class:`Watch` notices both on the host, cheaply enough to run at every
-update:
+``model.cuda()``). :class:`Watch` notices both on the host, at a cost per update that does not grow
+with the number of parameters:
 
-- a global module-registration hook marks the watch dirty when a submodule of the tracked model is
-  replaced (the old module still holds the old tensors, so nothing else would show it);
-- an identity check of each tracked tensor against its owner's ``_parameters`` / ``_buffers``
-  entry (~50 ns a tensor) catches replaced parameters and buffers;
-- a dtype/device check of the first tensor of each (owner kind, dtype, device) group catches
-  whole-model conversions, which keep the parameter objects and change them in place.
+- global module and parameter registration hooks mark the watch dirty when one is registered on a
+  module of the tracked model (``assign=True`` loads and replaced layers go through them; a
+  replaced layer still holds the old tensors, so nothing else would show it);
+- ``Module._apply`` (``to``, ``half``, ``to_empty``) replaces buffers without registering them, so
+  each tracked buffer is checked for identity against its owner's ``_buffers`` entry (~50 ns a
+  buffer: ResNet-50 has 160), which also covers buffers assigned anew;
+- a whole-model conversion keeps the parameter objects and changes them in place: the first tensor
+  of each (kind, dtype, device) group is checked for dtype, device and identity.
 
-A partial in-place conversion (``model.fc.half()`` alone) is caught by the kernel's own dtype
-check; the EMA then asks :meth:`Watch.changes` what happened and says so.
+A partial in-place conversion (``model.fc.half()`` alone, in a model without buffers there) is
+caught by the kernel's own dtype check; the EMA then asks :meth:`Watch.changes` what happened and
+says so. Not seen: parameters replaced by ``_apply`` in overwrite mode
+(``torch.__future__.set_overwrite_module_params_on_conversion(True)``) in a part of the model
+that holds neither a group's first tensor nor a buffer.
 """
 
 from __future__ import annotations
@@ -129,22 +134,34 @@ def owner_of(model: nn.Module, name: str) -> tuple[dict[str, Any], str] | None:
     return None
 
 
-# Watches whose model a module-registration hook should mark dirty; the hook is installed once.
+# Watches whose model the registration hooks should mark dirty; the hooks are installed once.
 _WATCHES: weakref.WeakSet[Watch] = weakref.WeakSet()
-_HOOK: list[Any] = []
+_HOOKS: list[Any] = []
 
 
-def _module_registered(module: nn.Module, name: str, value: Any) -> None:
+def _registered(module: nn.Module, name: str, value: Any) -> None:
     for watch in list(_WATCHES):
         if id(module) in watch.module_ids:
             watch.dirty = True
 
 
+def _install_hooks() -> None:
+    if not _HOOKS:
+        hooks = nn.modules.module
+        _HOOKS.extend(
+            register(_registered)
+            for register in (
+                hooks.register_module_module_registration_hook,
+                hooks.register_module_parameter_registration_hook,
+            )
+        )
+
+
 class Watch:
     """Host-side facts about the tracked tensors, checked at every update (see module docstring).
 
-    ``entries``: ``(owner dict, key, tensor)`` for tensors of a module (empty for pairs);
-    ``sentinels``: ``(tensor, dtype, device)``, the first tensor of each group.
+    ``entries``: ``(owner dict, key, tensor)`` checked for identity (buffers, and each group's
+    first tensor; empty for pairs); ``sentinels``: ``(tensor, dtype, device)``, each group's first.
     """
 
     def __init__(self, model: nn.Module | None, live: dict[str, torch.Tensor]) -> None:
@@ -152,21 +169,21 @@ class Watch:
         self.entries: list[tuple[dict[str, Any], str, torch.Tensor]] = []
         self.module_ids: frozenset[int] = frozenset()
         self.planned = {n: (t.shape, t.dtype, t.device) for n, t in live.items()}
-        groups: dict[tuple[bool, torch.dtype, torch.device], torch.Tensor] = {}
-        for tensor in live.values():
+        groups: dict[tuple[bool, torch.dtype, torch.device], str] = {}
+        for name, tensor in live.items():
             key = (isinstance(tensor, nn.Parameter), tensor.dtype, tensor.device)
-            groups.setdefault(key, tensor)
-        self.sentinels = [(t, dtype, device) for (_, dtype, device), t in groups.items()]
+            groups.setdefault(key, name)
+        firsts = set(groups.values())
+        self.sentinels = [(live[n], live[n].dtype, live[n].device) for n in firsts]
         if model is not None:
             for name, tensor in live.items():
+                if isinstance(tensor, nn.Parameter) and name not in firsts:
+                    continue  # replaced only through register_parameter: the hook sees it
                 found = owner_of(model, name)
                 if found is not None and found[0][found[1]] is tensor:
                     self.entries.append((found[0], found[1], tensor))
             self.module_ids = frozenset(id(m) for m in model.modules())
-            if not _HOOK:
-                _HOOK.append(
-                    nn.modules.module.register_module_module_registration_hook(_module_registered)
-                )
+            _install_hooks()
             _WATCHES.add(self)
 
     def stale(self) -> bool:

@@ -424,8 +424,14 @@ class EMA:
             )
         return changes  # type: ignore[return-value]
 
-    def _follow(self, changes: Mapping[str, tuple[torch.Tensor, str]]) -> None:
-        """Average the model's tensors now: re-point, re-cast shadows by the dtype policy, re-plan."""
+    def _follow(
+        self, changes: Mapping[str, tuple[torch.Tensor, str]], replan: bool = False
+    ) -> None:
+        """Average the model's tensors now: re-point, re-cast shadows by the dtype policy, re-plan
+        (only the watch is renewed if nothing the EMA averages changed, unless ``replan``)."""
+        if not changes and not replan:
+            self._watch_model()
+            return
         for name, (tensor, _) in changes.items():
             self._live[name] = tensor
             shadow = self._shadows[name]
@@ -1006,7 +1012,7 @@ class EMA:
             self._step_t = self._step_t.to(device)
             self._num_t = self._num_t.to(device)
             self._covered = self._covered.to(device)
-        self._follow(changes)
+        self._follow(changes, replan=True)
         return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> EMA:
