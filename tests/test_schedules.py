@@ -31,14 +31,36 @@ def test_tf_warmup_seed_values():
     assert schedules.tf_warmup(0.6)(5) == 0.4 and schedules.tf_warmup(0.98)(5) == 0.4  # seed 002
 
 
+def test_tf_warmup_hand_computed_values():
+    """TF's ``num_updates`` rule, worked out by hand: (1 + n) / (10 + n) until it reaches d."""
+    f = schedules.tf_warmup(0.99)
+    assert f(0) == pytest.approx(1 / 10, rel=1e-15)
+    assert f(8) == 0.5  # 9 / 18
+    assert f(89) == pytest.approx(10 / 11, rel=1e-15)  # 90 / 99
+    assert f(10**6) == 0.99  # long past the warm-up
+    assert schedules.tf_warmup(0.5)(8) == 0.5 and schedules.tf_warmup(0.5)(9) == 0.5  # capped
+    assert schedules.tf_warmup(0.0)(100) == 0.0
+
+
 @given(n=st.integers(0, 10**12), d=st.floats(0, 1))
-def test_tf_warmup_closed_form(n, d):
-    assert schedules.tf_warmup(d)(n) == min(d, (1 + n) / (10 + n))
+def test_tf_warmup_properties(n, d):
+    """Below its cap the rule keeps 1 - decay = 9 / (10 + n) (an identity, not the formula again);
+    it never exceeds d, never decreases with n, and is d from n >= (10 d - 1) / (1 - d) on."""
+    value = schedules.tf_warmup(d)(n)
+    assert 0.0 <= value <= d
+    assert value <= schedules.tf_warmup(d)(n + 1)
+    if value < d:
+        assert 1 - value == pytest.approx(9 / (10 + n), rel=1e-9)
+    if d < 1 and n >= (10 * d - 1) / (1 - d) + 1e-6 * (1 + n):
+        assert value == d
 
 
 def test_inverse_gamma_closed_form_and_clamp():
     f = schedules.inverse_gamma(inv_gamma=1.0, power=2 / 3, max_decay=0.9999)
     assert f(0) == 0.0
+    assert f(7) == pytest.approx(3 / 4, rel=1e-14)  # 1 - 8 ** (-2/3) = 1 - 1/4
+    assert f(26) == pytest.approx(8 / 9, rel=1e-14)  # 1 - 27 ** (-2/3) = 1 - 1/9
+    assert schedules.inverse_gamma(inv_gamma=2.0, power=0.5)(6) == pytest.approx(0.5)  # 1 - 4**-0.5
     assert f(10) == pytest.approx(1 - 11 ** (-2 / 3))
     assert f(10**12) == 0.9999
     g = schedules.inverse_gamma(inv_gamma=10.0, power=0.75, min_decay=0.5)
@@ -63,6 +85,9 @@ def test_power_edm2_constants():
     assert schedules.power(sigma_rel=0.10).gamma == pytest.approx(6.94, abs=5e-3)
     f = schedules.power(gamma=6.94)
     assert f(1) == 0.0 and f(0) == 0.0  # the average starts at the weights
+    assert schedules.power(gamma=1)(2) == 0.25  # (1 - 1/2) ** 2
+    assert schedules.power(gamma=2)(4) == pytest.approx(27 / 64, rel=1e-15)  # (3/4) ** 3
+    assert schedules.power(gamma=0)(5) == pytest.approx(4 / 5, rel=1e-15)  # SWA's running mean
     assert f(100) == pytest.approx((1 - 1 / 100) ** 7.94)
 
 
