@@ -11,7 +11,9 @@ model already in eval mode, ``EMA.to()``, the offload wait, and schedules round-
 from __future__ import annotations
 
 import math
+import threading
 import warnings
+from concurrent.futures import Future
 
 import pytest
 import torch
@@ -20,7 +22,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import polyak
-from polyak import schedules
+from polyak import _kernels, schedules
+from polyak._kernels._reference import ReferenceUpdate
 from polyak.bn import StaleBatchNormWarning
 
 CUDA = torch.cuda.is_available()
@@ -334,6 +337,64 @@ def test_to_moves_the_shadows_to_the_device_and_back():
     model.cpu()
     ema.to("cpu")
     assert all(ema.average(n).device.type == "cpu" for n in ema.names())
+
+
+# ---------------------------------------------------------------- offload
+
+
+class _BlockedUntilWaitedFor(ReferenceUpdate):
+    """The reference kernel, whose offloaded lerp cannot run until someone waits for its result:
+    an update is in flight for as long as the test wants, without any timing."""
+
+    release = threading.Event()
+
+    def lerp_(self, weight):
+        assert self.release.wait(timeout=60), "nobody waited for the offloaded update"
+        super().lerp_(weight)
+
+
+@pytest.fixture
+def blocked_offload(monkeypatch):
+    _BlockedUntilWaitedFor.release = threading.Event()
+    monkeypatch.setitem(_kernels.KERNELS, "reference", _BlockedUntilWaitedFor)
+    result = Future.result
+
+    def waiting(self, timeout=None):
+        _BlockedUntilWaitedFor.release.set()
+        return result(self, timeout)
+
+    monkeypatch.setattr(Future, "result", waiting)
+    yield
+    _BlockedUntilWaitedFor.release.set()  # never leave the worker blocked
+
+
+def test_offload_reads_wait_for_the_update_in_flight(blocked_offload):
+    """Supersedes the race in test_ema_modes.py::test_offload_to_cpu_equals_inline: the worker
+    cannot finish an update until a read waits for it, so a read that does not wait sees the old
+    average every time."""
+    param = nn.Parameter(torch.zeros(4))
+    ema = polyak.EMA([("w", param)], decay=0.5, offload="cpu", kernel="reference")
+    with torch.no_grad():
+        param.fill_(8.0)
+    ema.update()  # in flight, blocked
+    assert torch.equal(ema.average("w"), torch.full((4,), 4.0))
+    with torch.no_grad():
+        param.fill_(0.0)
+    ema.update()
+    assert torch.equal(ema.state_dict()["shadows"]["w"], torch.full((4,), 2.0))
+
+
+def test_offload_next_update_waits_for_the_previous(blocked_offload):
+    """Supersedes test_ema_modes.py::test_offload_bounded_staleness: the second update must wait
+    for the first before it stages new weights, or the first would average the second's."""
+    param = nn.Parameter(torch.zeros(4))
+    ema = polyak.EMA([("w", param)], decay=0.5, offload="cpu", kernel="reference")
+    for value in (1.0, 2.0):
+        with torch.no_grad():
+            param.fill_(value)
+        ema.update()
+    # 0 -> 0.5 -> 1.25; had the first update read the second's weights: 0 -> 1 -> 1.5
+    assert torch.equal(ema.average("w"), torch.full((4,), 1.25))
 
 
 # ---------------------------------------------------------------- state dict
