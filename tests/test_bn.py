@@ -116,13 +116,38 @@ def test_update_bn_restores_momentum_and_mode_when_the_loader_raises() -> None:
     assert not any(m.training for m in net.modules())
 
 
-def test_update_bn_moves_inputs_to_device() -> None:
-    net = _net()
+class _DeviceProbe(nn.Module):
+    """Records the device of each input; hands the BatchNorm after it a CPU tensor of that shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.devices: list[torch.device] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.devices.append(x.device)
+        return torch.arange(x.numel(), dtype=torch.float32).view(x.shape)
+
+
+@pytest.mark.parametrize("device", ["meta", torch.device("meta")])
+def test_update_bn_moves_inputs_to_device(device) -> None:
+    """Each input is moved to ``device`` before the forward (on a CPU-only machine: "meta")."""
+    probe = _DeviceProbe()
+    net = nn.Sequential(probe, nn.BatchNorm1d(3))
+    update_bn([torch.zeros(4, 3), (torch.zeros(2, 3), None)], net, device=device)
+    assert probe.devices == [torch.device("meta")] * 2
+    assert net[1].num_batches_tracked.item() == 2
+    update_bn([torch.zeros(4, 3)], net)  # no device: inputs are used where they are
+    assert probe.devices[-1] == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_update_bn_on_cuda_equals_the_cpu_statistics() -> None:
     batches = _batches()
-    reference = _net()
+    reference, net = _net(), _net().cuda()
     update_bn(batches, reference)
-    update_bn([b.float() for b in batches], net.float(), device=torch.device("cpu"))
-    torch.testing.assert_close(net[1].running_mean, reference[1].running_mean.float())
+    update_bn(batches, net, device="cuda")
+    for a, b in zip(reference.buffers(), net.buffers(), strict=True):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-12, atol=1e-12)
 
 
 def test_update_bn_empty_loader_raises_and_keeps_statistics() -> None:

@@ -98,32 +98,6 @@ SCHEDULES = [
 ]
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    schedule=st.sampled_from(SCHEDULES),
-    every=st.integers(1, 4),
-    calls=st.integers(1, 24),
-    dtype=st.sampled_from(DTYPES),
-    kernel=st.sampled_from(KERNELS),
-    seed=st.integers(0, 2**16),
-)
-def test_schedules_and_update_every_match_float64(schedule, every, calls, dtype, kernel, seed):
-    gen = torch.Generator().manual_seed(seed)
-    param = nn.Parameter(torch.randn(3, 2, generator=gen).to(dtype))
-    theta0 = param.detach().clone()
-    ema = polyak.EMA([("w", param)], decay=schedule, update_every=every, kernel=kernel)
-    thetas, decays = [theta0], []
-    for call in range(1, calls + 1):
-        param.data.copy_(torch.randn(3, 2, generator=gen).to(dtype))
-        ema.update()
-        if call % every == 0:  # averaged: the decay is the product over the covered steps
-            thetas.append(param.detach().clone())
-            decays.append(math.prod(float(schedule(s)) for s in range(call - every + 1, call + 1)))
-    assert ema.step == calls and ema.num_averages == calls // every
-    expected = float64_reference(thetas, decays) if decays else theta0.double()
-    torch.testing.assert_close(ema.average("w").double(), expected, rtol=0, atol=1e-5)
-
-
 def test_first_update_sees_step_one():
     seen = []
     ema = polyak.EMA([("w", torch.zeros(2))], decay=lambda s: seen.append(s) or 0.5)

@@ -297,20 +297,9 @@ def test_offload_to_cpu_equals_inline():
     assert "offload='cpu'" in repr(off)
     run(m1, inline, 6)
     run(m2, off, 6)
-    assert_same_averages(inline, off)  # reads wait for the in-flight update
+    assert_same_averages(inline, off)  # (that reads wait: test_ema_contract, deterministically)
     with off.swapped():
         assert torch.equal(m2[0].weight, off.average("0.weight"))
-
-
-def test_offload_bounded_staleness():
-    """The next update waits for the previous one: updates are never skipped or reordered."""
-    model = net()
-    ema = polyak.EMA(model, decay=0.0, offload="cpu")
-    for value in [1.0, 2.0, 3.0]:
-        with torch.no_grad():
-            model[0].weight.fill_(value)
-        ema.update()
-    assert torch.equal(ema.average("0.weight"), torch.full_like(model[0].weight, 3.0))
 
 
 def test_mode_conflicts():

@@ -86,3 +86,25 @@ def test_load_averaged_names_the_file_and_what_it_is(tmp_path):
     with pytest.raises(ValueError, match=r"tiny\.safetensors: it is 3 bytes long"):
         io.load_averaged(model, tmp_path / "tiny.safetensors")
     io.load_averaged(model, tmp_path / "ema.safetensors")  # the good file still loads
+
+
+def test_load_averaged_honours_strict(tmp_path):
+    """A file with keys the model lacks, into a model with keys the file lacks: refused with
+    strict=True (naming the keys); with strict=False the shared keys load and the rest stay."""
+    from torch import nn
+
+    import polyak
+
+    torch.manual_seed(0)
+    saved = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    polyak.EMA(saved, decay=0.5).save(tmp_path / "ema.safetensors")
+    other = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))  # "1.*" missing, "2.*" extra
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(
+        (RuntimeError, ValueError), match=r"1\.weight[\s\S]*2\.weight|2\.weight[\s\S]*1\.weight"
+    ):
+        io.load_averaged(other, tmp_path / "ema.safetensors")
+    assert io.load_averaged(other, tmp_path / "ema.safetensors", strict=False) is other
+    assert torch.equal(other[0].weight, saved[0].weight)
+    assert torch.equal(other[0].bias, saved[0].bias)
+    assert torch.equal(other[2].weight, before["2.weight"])  # not in the file: left alone

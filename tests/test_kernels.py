@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from polyak import _kernels
@@ -90,6 +92,126 @@ def test_reference_matches_float64_formula():
     for got, want, scale in zip(shadows, expected, operands, strict=True):
         # two fp32 roundings, each at most half an ulp of the operands' magnitude
         assert ((got.double() - want).abs() <= 2**-23 * scale).all()
+
+
+# ---------------------------------------------------------------- independent anchors
+# Not "the same as the reference kernel": values worked out by hand and float64 closed forms.
+
+ALL_KERNELS = ["reference", "foreach", "fused"]
+EXACT_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+@pytest.mark.parametrize("dtype", EXACT_DTYPES)
+def test_hand_computed_lerps(kernel, dtype):
+    """s + w (p - s) on values where every dtype holds the exact answer."""
+    shadow = torch.tensor([0.0, 1.0, -2.0, 4.0, 0.5], dtype=dtype)
+    source = torch.tensor([1.0, 3.0, 2.0, -4.0, 0.5], dtype=dtype)
+    cases = {
+        0.25: [0.25, 1.5, -1.0, 2.0, 0.5],
+        0.75: [0.75, 2.5, 1.0, -2.0, 0.5],
+        0.5: [0.5, 2.0, 0.0, 0.0, 0.5],
+        1.0: [1.0, 3.0, 2.0, -4.0, 0.5],
+        0.0: [0.0, 1.0, -2.0, 4.0, 0.5],
+    }
+    got = [shadow.clone()]
+    update = _kernels.build(kernel, got, [source])  # planned (compiled) once, for every weight
+    for weight, expected in cases.items():
+        got[0].copy_(shadow)
+        update.lerp_(weight)
+        assert torch.equal(got[0], torch.tensor(expected, dtype=dtype)), weight
+    update.copy_()
+    assert torch.equal(got[0], source)
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+def test_bf16_shadows_round_half_to_even(kernel):
+    """bf16 holds 1, 1 + 2**-7, 1 + 2**-6 near 1. From 1 towards 1 + 2**-6, weight 1/4 lands on
+    1 + 2**-8 and weight 3/4 on 1 + 3 * 2**-8: both halfway, both rounded to the even neighbour
+    (1 and 1 + 2**-6); weight 5/8 gives 1 + 2.5 * 2**-8, nearest 1 + 2**-7.
+
+    An fp32 source of 1 + 2**-6 + 2**-12 is first rounded to the shadow's dtype (1 + 2**-6), as
+    ``shadow.lerp_(p.to(shadow.dtype), w)`` does, so weight 1/4 again lands halfway and goes to 1;
+    lerping the unrounded source would give 1 + 2**-8 + 2**-14, which rounds up to 1 + 2**-7."""
+    shadow = torch.ones(3, dtype=torch.bfloat16)
+    for source_value, cases in [
+        (1 + 2**-6, [(0.25, 1.0), (0.75, 1 + 2**-6), (0.625, 1 + 2**-7)]),
+        (1 + 2**-6 + 2**-12, [(0.25, 1.0)]),
+    ]:
+        source = torch.full((3,), source_value)  # fp32 weights, bf16 shadows
+        got = [shadow.clone()]
+        update = _kernels.build(kernel, got, [source])
+        for weight, expected in cases:
+            got[0].copy_(shadow)
+            update.lerp_(weight)
+            assert torch.equal(got[0].float(), torch.full((3,), expected)), (source_value, weight)
+
+
+# |lerp in float64 - lerp in the shadow's dtype|: up to three fp32 roundings of operands of size
+# M = max(|s|, |p|) (2**-22 M), then for bf16/fp16 shadows one rounding of the result (half an ulp,
+# relative, or half the smallest subnormal).
+HALF_ULP = {torch.float32: 0.0, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+HALF_SUBNORMAL = {torch.float32: 2.0**-150, torch.bfloat16: 2.0**-134, torch.float16: 2.0**-25}
+FINITE = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.tuples(FINITE, FINITE), min_size=1, max_size=40),
+    weight=st.floats(0.0, 1.0),
+    kernel=st.sampled_from(["reference", "foreach"]),
+    pair=st.sampled_from(
+        [
+            (torch.float32, torch.float32),
+            (torch.bfloat16, torch.float32),
+            (torch.float32, torch.bfloat16),
+            (torch.float16, torch.float16),
+            (torch.float64, torch.float64),
+        ]
+    ),
+)
+def test_one_update_matches_float64(values, weight, kernel, pair):
+    src_dtype, dst_dtype = pair
+    s = torch.tensor([v[0] for v in values]).to(dst_dtype)
+    p = torch.tensor([v[1] for v in values]).to(src_dtype)
+    s64, p64 = s.double(), p.to(dst_dtype).double()  # the source is cast to the shadow's dtype
+    exact = s64 + weight * (p64 - s64)
+    got = [s.clone()]
+    _kernels.build(kernel, got, [p]).lerp_(weight)
+    scale = torch.maximum(s64.abs(), p64.abs())
+    if dst_dtype == torch.float64:
+        bound = 2.0**-50 * scale
+    else:
+        bound = 2.0**-22 * scale + HALF_ULP[dst_dtype] * exact.abs() + HALF_SUBNORMAL[dst_dtype]
+    assert ((got[0].double() - exact).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("kernel", ALL_KERNELS)
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.float32),
+        (torch.float64, torch.float64),
+    ],
+)
+def test_fifty_updates_match_the_float64_closed_form(kernel, src, dst):
+    """From s0 towards a fixed p with weight w: s_N = p + (s0 - p) (1 - w)**N, in float64."""
+    gen = torch.Generator().manual_seed(21)
+    start = torch.randn(257, generator=gen, dtype=torch.float64)
+    target = (torch.randn(257, generator=gen, dtype=torch.float64) * 3).to(src)
+    shadows = [start.to(dst, copy=True)]
+    s0, p = start.to(dst).double(), target.double()  # start itself is never written
+    update = _kernels.build(kernel, shadows, [target])
+    n, w = 50, 0.1
+    for _ in range(n):
+        update.lerp_(w)
+    exact = p + (s0 - p) * (1 - w) ** n
+    eps = 2.0**-52 if dst == torch.float64 else 2.0**-23
+    bound = 4 * n * eps * torch.maximum(s0.abs(), p.abs())  # each step: a few roundings
+    assert ((shadows[0].double() - exact).abs() <= bound).all()
+    # and the bound is not vacuous: (1 - w)**n is 5e-3, so the shadows moved far from the start
+    assert ((shadows[0].double() - s0).abs() > 100 * bound).any()
 
 
 def test_copy_is_exact():

@@ -31,14 +31,36 @@ def test_tf_warmup_seed_values():
     assert schedules.tf_warmup(0.6)(5) == 0.4 and schedules.tf_warmup(0.98)(5) == 0.4  # seed 002
 
 
+def test_tf_warmup_hand_computed_values():
+    """TF's ``num_updates`` rule, worked out by hand: (1 + n) / (10 + n) until it reaches d."""
+    f = schedules.tf_warmup(0.99)
+    assert f(0) == pytest.approx(1 / 10, rel=1e-15)
+    assert f(8) == 0.5  # 9 / 18
+    assert f(89) == pytest.approx(10 / 11, rel=1e-15)  # 90 / 99
+    assert f(10**6) == 0.99  # long past the warm-up
+    assert schedules.tf_warmup(0.5)(8) == 0.5 and schedules.tf_warmup(0.5)(9) == 0.5  # capped
+    assert schedules.tf_warmup(0.0)(100) == 0.0
+
+
 @given(n=st.integers(0, 10**12), d=st.floats(0, 1))
-def test_tf_warmup_closed_form(n, d):
-    assert schedules.tf_warmup(d)(n) == min(d, (1 + n) / (10 + n))
+def test_tf_warmup_properties(n, d):
+    """Below its cap the rule keeps 1 - decay = 9 / (10 + n) (an identity, not the formula again);
+    it never exceeds d, never decreases with n, and is d from n >= (10 d - 1) / (1 - d) on."""
+    value = schedules.tf_warmup(d)(n)
+    assert 0.0 <= value <= d
+    assert value <= schedules.tf_warmup(d)(n + 1)
+    if value < d:
+        assert 1 - value == pytest.approx(9 / (10 + n), rel=1e-9)
+    if d < 1 and n >= (10 * d - 1) / (1 - d) + 1e-6 * (1 + n):
+        assert value == d
 
 
 def test_inverse_gamma_closed_form_and_clamp():
     f = schedules.inverse_gamma(inv_gamma=1.0, power=2 / 3, max_decay=0.9999)
     assert f(0) == 0.0
+    assert f(7) == pytest.approx(3 / 4, rel=1e-14)  # 1 - 8 ** (-2/3) = 1 - 1/4
+    assert f(26) == pytest.approx(8 / 9, rel=1e-14)  # 1 - 27 ** (-2/3) = 1 - 1/9
+    assert schedules.inverse_gamma(inv_gamma=2.0, power=0.5)(6) == pytest.approx(0.5)  # 1 - 4**-0.5
     assert f(10) == pytest.approx(1 - 11 ** (-2 / 3))
     assert f(10**12) == 0.9999
     g = schedules.inverse_gamma(inv_gamma=10.0, power=0.75, min_decay=0.5)
@@ -63,6 +85,9 @@ def test_power_edm2_constants():
     assert schedules.power(sigma_rel=0.10).gamma == pytest.approx(6.94, abs=5e-3)
     f = schedules.power(gamma=6.94)
     assert f(1) == 0.0 and f(0) == 0.0  # the average starts at the weights
+    assert schedules.power(gamma=1)(2) == 0.25  # (1 - 1/2) ** 2
+    assert schedules.power(gamma=2)(4) == pytest.approx(27 / 64, rel=1e-15)  # (3/4) ** 3
+    assert schedules.power(gamma=0)(5) == pytest.approx(4 / 5, rel=1e-15)  # SWA's running mean
     assert f(100) == pytest.approx((1 - 1 / 100) ** 7.94)
 
 
@@ -72,25 +97,55 @@ def test_sigma_rel_round_trip(gamma):
     assert schedules.sigma_rel_to_gamma(sigma) == pytest.approx(gamma, rel=1e-9, abs=1e-9)
 
 
-def test_power_weighting_is_proportional_to_t_gamma():
-    """Averaging with (1-1/t)^(g+1) weighs step i by i^g / sum(j^g) (EDM2 eq. 3), in float64."""
-    gamma, n = 3.0, 40
+@pytest.mark.parametrize("gamma", [0.0, 1.0, 3.0, 6.94])
+def test_power_weighting_is_proportional_to_t_gamma(gamma):
+    """Averaging with d(t) = (1 - 1/t)^(g+1) for t = 1..n weighs step i by exactly
+
+        (1 - d(i)) prod_{t>i} d(t) = (i^(g+1) - (i-1)^(g+1)) / n^(g+1)
+
+    (the product telescopes to (i/n)^(g+1)), which is (g+1) i^g / n^(g+1) ~ i^g / sum(j^g) for
+    large i (EDM2 eq. 3). gamma=0 is the uniform (SWA) mean."""
+    n = 40
     weights = [0.0] * (n + 1)
     for t in range(1, n + 1):
         d = schedules.power(gamma=gamma)(t)
         weights = [w * d for w in weights]
         weights[t] += 1 - d
-    total = sum(i**gamma for i in range(1, n + 1))
     for i in range(1, n + 1):
-        # the closed form holds asymptotically; the discrete weights are within 10% at n=40
-        assert weights[i] == pytest.approx(i**gamma / total, rel=0.25, abs=1e-4)
-    assert sum(weights) == pytest.approx(1.0)
+        exact = (i ** (gamma + 1) - (i - 1) ** (gamma + 1)) / n ** (gamma + 1)
+        assert weights[i] == pytest.approx(exact, rel=1e-12), i
+    assert sum(weights) == pytest.approx(1.0, rel=1e-12)
+    if gamma == 0:
+        assert weights[1:] == pytest.approx([1 / n] * n, rel=1e-12)
+    # the power law itself is asymptotic: within 10% from i = n/2 on (at n=40 the discrete weight
+    # is 0.93x the power law at i=20 for gamma=6.94, 0.97x for gamma=3, and 1.01x at i=40)
+    total = sum(j**gamma for j in range(1, n + 1))
+    for i in range(n // 2, n + 1):
+        assert weights[i] == pytest.approx(i**gamma / total, rel=0.10), i
 
 
 def test_scaled():
     assert schedules.scaled(0.999, kappa=4)(3) == pytest.approx(0.999**4)
+    assert schedules.scaled(0.5, kappa=3)(7) == 0.125
     f = schedules.scaled(schedules.tf_warmup(0.99), kappa=2)
     assert f(1) == pytest.approx((2 / 11) ** 2)
+    assert f(8) == 0.25  # (9 / 18) ** 2
+    assert schedules.scaled(lambda n: 0.5 if n < 3 else 0.25, kappa=0.5)(3) == 0.5
+
+
+def test_scaled_around_a_user_callable_round_trips_as_a_callable():
+    """``scaled(my_fn, ...)`` cannot be stored (``my_fn`` is code): it is saved as a user callable,
+    so that loading says "pass it again" (None) instead of failing in ``Scaled(base=None)``."""
+    fn = lambda n: 0.9  # noqa: E731
+    schedule = schedules.scaled(fn, kappa=2)
+    state = schedules.to_state(schedule)
+    assert state["name"] == "callable" and "Scaled" in state["repr"]
+    assert all(isinstance(v, str) for v in state.values())
+    assert schedules.from_state(state) is None
+    # nested deeper, and as written before this fix: still "pass it again", never a TypeError
+    assert schedules.to_state(schedules.scaled(schedule, kappa=3))["name"] == "callable"
+    legacy = {"name": "scaled", "base": {"name": "callable", "repr": "f"}, "kappa": 2.0}
+    assert schedules.from_state(legacy) is None
 
 
 @pytest.mark.parametrize(

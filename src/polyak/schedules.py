@@ -426,19 +426,28 @@ def to_state(schedule: Callable[[Step], Any]) -> dict[str, Any]:
     """A built-in schedule as plain data (str/float/dict), for state dicts.
 
     A user's own callable cannot be stored: it becomes ``{"name": "callable", "repr": ...}`` and must
-    be passed again to the EMA that loads the state.
+    be passed again to the EMA that loads the state. So does a built-in schedule around one (e.g.
+    ``scaled(my_fn, kappa=4)``): half of it could not be rebuilt, so none of it is stored.
     """
     if isinstance(schedule, Schedule) and schedule.name:
         data: dict[str, Any] = {"name": schedule.name}
         for field in dataclasses.fields(schedule):
             value = getattr(schedule, field.name)
-            data[field.name] = to_state(value) if callable(value) else value
+            if callable(value):
+                value = to_state(value)
+                if value["name"] == "callable":
+                    return {"name": "callable", "repr": repr(schedule)}
+            data[field.name] = value
         return data
     return {"name": "callable", "repr": repr(schedule)}
 
 
 def from_state(data: Mapping[str, Any]) -> Schedule | None:
-    """The schedule :func:`to_state` stored, or ``None`` for a user callable (not storable)."""
+    """The schedule :func:`to_state` stored, or ``None`` where a user callable must be passed again.
+
+    ``None`` also for a built-in schedule stored around a user callable (as older versions wrote
+    ``scaled(my_fn, ...)``: ``{"name": "scaled", "base": {"name": "callable", ...}, ...}``).
+    """
     name = data.get("name")
     if name == "callable":
         return None
@@ -447,9 +456,13 @@ def from_state(data: Mapping[str, Any]) -> Schedule | None:
         raise ValueError(
             f"unknown schedule {name!r} in state; known: {sorted(Schedule._registry)}."
         )
-    kwargs = {
-        key: (from_state(value) if isinstance(value, Mapping) else value)
-        for key, value in data.items()
-        if key != "name"
-    }
+    kwargs = {}
+    for key, value in data.items():
+        if key == "name":
+            continue
+        if isinstance(value, Mapping):
+            value = from_state(value)
+            if value is None:  # built around a user callable: the caller passes it again
+                return None
+        kwargs[key] = value
     return cls(**kwargs)
