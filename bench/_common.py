@@ -7,11 +7,13 @@ Import it from a script in ``bench/`` (a script run as ``python bench/<name>.py`
 
 What lives here, and nothing else:
 
-- run metadata: :func:`machine_info`, :func:`package_versions`, :func:`git_commit`, :func:`utc_now`;
+- run metadata: :func:`machine_info`, :func:`package_versions`, :func:`git_commit`, :func:`utc_now`,
+  :func:`cache_bytes`;
 - results: :func:`write_json_atomic` (temp file, fsync, ``os.replace``), :func:`markdown_table`;
 - timing: :func:`sync`, :func:`time_calls` (CUDA events on a GPU, ``perf_counter_ns`` on a CPU),
   :func:`median_iqr`, :func:`paired_ratio` (a ratio of two round-robin rows, with a bootstrap
-  interval), :func:`copy_bandwidth` (the memory-bandwidth probe behind every "floor").
+  interval), :func:`memory_bandwidth` (the in-place ``dst.add_(src)`` / ``dst.lerp_(src, w)``
+  probe behind every "floor": read two tensors, write one, as an EMA lerp does).
 """
 
 from __future__ import annotations
@@ -103,6 +105,29 @@ def machine_info(device: str) -> dict[str, Any]:
         info["gpu_count"] = torch.cuda.device_count()
         info["cudnn"] = torch.backends.cudnn.version()
     return info
+
+
+def cache_bytes(device: str | torch.device) -> int | None:
+    """Size of the last-level cache that the device's memory traffic goes through, in bytes.
+
+    CUDA: the GPU's L2 (``L2_cache_size``). CPU: the largest ``cache/index*/size`` of cpu0 in
+    sysfs (the L3 on x86; shared by the cores of one complex). ``None`` where it cannot be read.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0)) or None
+    best = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        best = size if best is None else max(best, size)
+    return best
 
 
 def package_versions(names: Iterable[str]) -> dict[str, str | None]:
@@ -272,35 +297,44 @@ def paired_ratio(
     return float(np.median(ratios)), float(lo), float(hi)
 
 
-def copy_bandwidth(
-    device: str | torch.device, nbytes: int, reps: int = 10, op: str = "copy"
-) -> dict[str, float]:
-    """Best bandwidth of ``dst.copy_(src)`` over ``reps`` copies of ``nbytes`` fp32 bytes.
+# bytes moved per element of the probe's fp32 tensors: what is read plus what is written
+PROBE_TRANSFERS = {"add": 3, "lerp": 3, "copy": 2}
 
-    Bytes moved per copy = bytes read + bytes written = ``2 * nbytes``. With ``op="add"`` the probe
-    is ``dst.add_(src)`` instead, an in-place update that moves ``3 * nbytes`` (read both, write
-    ``dst``) like an EMA lerp; on CPUs a copy also pays a read-for-ownership of ``dst`` that is not
-    counted, so the in-place probe can read higher. Returns the best (highest) and median
-    bandwidth in bytes per second, and the buffer size used.
+
+def memory_bandwidth(
+    device: str | torch.device, nbytes: int, reps: int = 10, op: str = "add"
+) -> dict[str, Any]:
+    """Best and median bandwidth of an fp32 memory-bound op over ``reps`` calls on ``nbytes``.
+
+    ``op="add"``: ``dst.add_(src, alpha=0.0)`` and ``op="lerp"``: ``dst.lerp_(src, 1e-3)``, the
+    in-place ops whose traffic is an EMA lerp's: read ``src``, read ``dst``, write ``dst``, so
+    ``bytes moved = 3 * nbytes`` per call (``PROBE_TRANSFERS``). ``op="copy"``:
+    ``dst.copy_(src)`` counted as ``2 * nbytes``, for reference only: on CPUs a copy also reads
+    its destination before writing it (write-allocate), a transfer its byte count leaves out, so
+    a floor from it is lower than what an in-place op can reach. ``nbytes`` must be far larger
+    than the last-level cache for the result to be DRAM (HBM) bandwidth. Returns ``op``,
+    ``bytes`` (one buffer), ``moved_per_call``, ``best_bytes_per_s`` and ``median_bytes_per_s``.
     """
-    if op not in ("copy", "add"):
-        raise ValueError(f"op must be 'copy' or 'add', got op={op!r}.")
+    if op not in PROBE_TRANSFERS:
+        raise ValueError(f"op must be one of {sorted(PROBE_TRANSFERS)}, got op={op!r}.")
     n = max(1, nbytes // 4)
     src = torch.empty(n, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch the pages, warm the path
+    calls = {
+        "add": lambda: dst.add_(src, alpha=0.0),  # dst unchanged: no growth, no denormals
+        "lerp": lambda: dst.lerp_(src, 1e-3),
+        "copy": lambda: dst.copy_(src),
+    }
+    fn = calls[op]
+    fn()
     sync(device)
-    if op == "copy":
-        times = [time_calls(lambda: dst.copy_(src), device) for _ in range(reps)]
-        moved = 2 * n * 4
-    else:
-        times = [time_calls(lambda: dst.add_(src, alpha=0.0), device) for _ in range(reps)]
-        moved = 3 * n * 4
-    best_ms = min(times)
-    med_ms = statistics.median(times)
+    times = [time_calls(fn, device) for _ in range(reps)]
+    moved = PROBE_TRANSFERS[op] * n * 4
     return {
         "op": op,
         "bytes": float(n * 4),
-        "best_bytes_per_s": moved / (best_ms / 1e3),
-        "median_bytes_per_s": moved / (med_ms / 1e3),
+        "moved_per_call": float(moved),
+        "best_bytes_per_s": moved / (min(times) / 1e3),
+        "median_bytes_per_s": moved / (statistics.median(times) / 1e3),
     }

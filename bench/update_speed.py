@@ -23,10 +23,12 @@ except ResNet-50, which always runs at full size):
 3. times ``update()`` round-robin: each repetition runs every implementation once, in a rotated
    order, so drift hits all alike; median and IQR over the repetitions, warm-up excluded, and
    every repetition's time in the JSON, so two rows can be compared round by round;
-4. sets the floor from a ``dst.copy_(src)`` bandwidth probe taken in the same run:
+4. sets the floor from an in-place bandwidth probe taken in the same run (``dst.add_(src)`` and
+   ``dst.lerp_(src, w)``, 3 transfers each, as a lerp):
    ``floor = (bytes read + bytes written per update) / bandwidth``, with 12 B per element for fp32
    weights and shadows (read weight, read shadow, write shadow), 10 B for bf16 weights with fp32
-   shadows and 6 B for bf16 shadows; copied (integer) tensors count read + write.
+   shadows and 6 B for bf16 shadows; copied (integer) tensors count read + write. A workload
+   small enough to stay in the last-level cache gets its floor marked as not a floor.
 
 ``--train-step`` (CUDA only) adds the share of a real training step: ViT-B/16, batch 128, 224 px,
 fp32 weights, bf16 autocast, fused AdamW, timed with and without each EMA.
@@ -60,11 +62,13 @@ from typing import Any
 import torch
 from _common import (
     RESULTS_DIR,
-    copy_bandwidth,
+    cache_bytes,
+    fmt_num,
     git_commit,
     machine_info,
     markdown_table,
     median_iqr,
+    memory_bandwidth,
     package_versions,
     paired_ratio,
     sync,
@@ -74,11 +78,14 @@ from _common import (
 )
 from torch import nn
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DECAY = 0.999
 PEER_PACKAGES = ("torch-ema", "ema-pytorch", "timm")
 RAW = "raw_foreach_lerp"
 RAW_LIVE = "live"  # the kernel label of raw _foreach_lerp_ on the nn.Parameters themselves
+# a workload whose bytes touched per update are below this many last-level caches may be served
+# from the cache: its "floor" from a DRAM bandwidth probe is then not a lower bound
+CACHE_RESIDENT_FACTOR = 2
 POLYAK_KERNELS = ("reference", "foreach", "fused", "triton")
 
 # ---------------------------------------------------------------- models
@@ -274,6 +281,12 @@ class Workload:
         total = sum(t.numel() * (t.element_size() + 2 * s) for _, t in self.avg)
         return total + sum(2 * t.numel() * t.element_size() for _, t in self.copy)
 
+    def working_set_bytes(self, shadow_dtype: torch.dtype) -> int:
+        """Distinct bytes one update touches: each weight and its shadow; each copy's ends."""
+        s = torch.empty((), dtype=shadow_dtype).element_size()
+        total = sum(t.numel() * (t.element_size() + s) for _, t in self.avg)
+        return total + sum(2 * t.numel() * t.element_size() for _, t in self.copy)
+
     def summary(self) -> dict[str, Any]:
         params = list(self.model.parameters())
         bufs = list(self.model.buffers())
@@ -291,6 +304,7 @@ class Workload:
             "tracked_tensors": len(self.avg) + len(self.copy),
             "tracked_elements": sum(t.numel() for _, t in self.avg + self.copy),
             "bytes_per_update": self.bytes_per_update(self.shadow_dtype),
+            "working_set_bytes": self.working_set_bytes(self.shadow_dtype),
         }
 
 
@@ -1166,17 +1180,25 @@ def render_table(result: dict[str, Any]) -> str:
             "workload": w["name"],
             "arch": w["arch"],
             "bytes": w["bytes_per_update"],
-            "floor_ms": w["floor_ms"],
+            "floor_ms": w["floor_ms"]
+            if w.get("floor_is_bound", True)
+            else f"{fmt_num(w['floor_ms'])} (fits in cache: not a floor)",
             "auto": w.get("polyak_auto_kernel"),
         }
         for w in result["workloads"]
     ]
     bw = result["bandwidth"]
+    copy_bw = bw.get("copy_best_bytes_per_s")
     head = (
-        f"copy bandwidth (best of {bw['probes']} probes of {bw['bytes'] / 2**20:.0f} MiB "
-        f"dst.copy_(src), read + write): {bw['best_bytes_per_s'] / 1e9:.1f} GB/s; "
-        f"in-place dst.add_(src) probe, for reference: "
-        f"{bw['inplace_add_best_bytes_per_s'] / 1e9:.1f} GB/s"
+        f"in-place bandwidth (best of {bw['probes']} probes of {bw['bytes'] / 2**20:.0f} MiB "
+        f"fp32, dst.add_(src) and dst.lerp_(src, w): read 2 + write 1, as a lerp): "
+        f"{bw['best_bytes_per_s'] / 1e9:.1f} GB/s"
+        + (
+            f"; dst.copy_(src) counted as read + write, for reference only: "
+            f"{copy_bw / 1e9:.1f} GB/s"
+            if copy_bw
+            else ""
+        )
     )
     parts = [
         head,
@@ -1223,6 +1245,9 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     verdict is ``met`` when the whole interval is within the limit, ``NOT met`` when it is all
     beyond it, and ``within noise`` when the limit falls inside it (then ``met`` is the point
     estimate's side: a rerun may flip it).
+
+    A floor target on a workload small enough to stay in the cache (``floor_is_bound`` false)
+    is ``not a floor``.
     """
     rows = [r for r in result["rows"] if r["ms_median"] is not None]
     device = result["settings"]["device"]
@@ -1233,31 +1258,39 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     def samples(row: dict[str, Any]) -> list[float]:
         return row.get("samples_ms") or [row["ms_median"]]
 
-    def add(target: str, row: dict[str, Any], ref: dict[str, Any] | float, limit: float) -> None:
-        a = samples(row)
-        b = [ref] * len(a) if isinstance(ref, float) else samples(ref)
-        ratio, lo, hi = paired_ratio(a, b)
-        verdict = "met" if hi <= limit else "NOT met" if lo > limit else "within noise"
+    def entry(target: str, row: dict[str, Any], limit: float, **kw: Any) -> None:
         out.append(
             {
                 "target": target,
                 "workload": row["workload"],
                 "kernel": row["kernel"],
                 "auto": row["kernel"] == auto.get(row["workload"]),
-                "ratio": ratio,
-                "ci95": [lo, hi],
+                "ratio": None,
+                "ci95": None,
                 "limit": limit,
-                "met": ratio <= limit,
-                "verdict": verdict,
+                "met": None,
+                **kw,
             }
         )
+
+    def add(target: str, row: dict[str, Any], ref: dict[str, Any] | float, limit: float) -> None:
+        if isinstance(ref, float) and row.get("floor_is_bound") is False:
+            why = "the workload fits in the cache: the DRAM floor is not a floor here"
+            entry(target, row, limit, verdict="not a floor", why=why)
+            return
+        a = samples(row)
+        b = [ref] * len(a) if isinstance(ref, float) else samples(ref)
+        ratio, lo, hi = paired_ratio(a, b)
+        verdict = "met" if hi <= limit else "NOT met" if lo > limit else "within noise"
+        entry(target, row, limit, ratio=ratio, ci95=[lo, hi], met=ratio <= limit, verdict=verdict)
 
     by_wl: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_wl.setdefault(r["workload"], []).append(r)
     for name, group in by_wl.items():
-        raw = next((r for r in group if r["impl"] == RAW and r["kernel"] == "foreach"), None)
-        live = next((r for r in group if r["impl"] == RAW and r["kernel"] == RAW_LIVE), None)
+        raw_rows = {r["kernel"]: r for r in group if r["impl"] == RAW}
+        raw = raw_rows.get("foreach")
+        live = raw_rows.get(RAW_LIVE)
         peers = [r for r in group if is_peer(r["impl"])]
         best = min(peers, key=lambda r: r["ms_median"]) if peers else None
         # the non-reference kernels that round to nearest (stochastic rounding does more work
@@ -1319,23 +1352,26 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def render_targets(targets: list[dict[str, Any]], device: str) -> str:
-    lines = [
-        f"## targets ({device})",
+    lines = [f"## targets ({device})"]
+    lines.append(
         "(auto) marks the kernel polyak picks by default for that workload; each ratio is the "
         "median of per-round ratios, [95% bootstrap interval]; 'within noise': the limit lies "
-        "inside the interval",
-    ]
+        "inside the interval"
+    )
     if not targets:
         lines.append("- no polyak rows to check")
     for t in targets:
+        head = (
+            f"- [{t['verdict']}] {t['target']}: {t['workload']} polyak/{t['kernel']}"
+            f"{' (auto)' if t.get('auto') else ''}"
+        )
+        if t.get("ratio") is None:
+            lines.append(f"{head}: {t.get('why', '')}")
+            continue
         ci = t.get("ci95")
         spread = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] != ci[1] else ""
         unit = t.get("unit", "x")
-        lines.append(
-            f"- [{t['verdict']}] {t['target']}: {t['workload']} polyak/{t['kernel']}"
-            f"{' (auto)' if t.get('auto') else ''} "
-            f"= {t['ratio']:.3f}{unit}{spread} (limit {t['limit']}{unit})"
-        )
+        lines.append(f"{head} = {t['ratio']:.3f}{unit}{spread} (limit {t['limit']}{unit})")
     return "\n".join(lines)
 
 
@@ -1435,20 +1471,35 @@ def select_specs(patterns: list[str] | None) -> list[Spec]:
 
 
 def _apply_floors(rows: list[dict[str, Any]], workloads: list[dict[str, Any]], bw: float) -> None:
-    """Floors (and x floor) from the best bandwidth seen so far."""
+    """Floors (and x floor) from the best in-place bandwidth seen so far; a workload that fits
+    in the cache keeps its number but is marked ``floor_is_bound: false``."""
+    bound = {w["name"]: w.get("floor_is_bound", True) for w in workloads}
     for r in rows:
         if r["bytes_per_update"] is not None:
             r["floor_ms"] = r["bytes_per_update"] / bw * 1e3
             r["x_floor"] = r["ms_median"] / r["floor_ms"]
+            r["floor_is_bound"] = bound.get(r["workload"], True)
     for w in workloads:
         w["floor_ms"] = w["bytes_per_update"] / bw * 1e3
+
+
+def floor_is_bound(working_set: int, cache: int | None) -> bool:
+    """A DRAM-bandwidth floor bounds an update only when its data cannot stay in the cache:
+    more than ``CACHE_RESIDENT_FACTOR`` last-level caches of distinct bytes (unknown cache:
+    assumed so)."""
+    return cache is None or working_set > CACHE_RESIDENT_FACTOR * cache
+
+
+def probe_bandwidth(device: str, nbytes: int) -> list[dict[str, Any]]:
+    """The in-place probes whose traffic is a lerp's (``add``, ``lerp``), 10 calls each."""
+    return [memory_bandwidth(device, nbytes, reps=10, op=op) for op in ("add", "lerp")]
 
 
 def assemble(
     args: argparse.Namespace,
     run: dict[str, Any],
     probes: list[dict[str, Any]],
-    inplace: dict[str, Any] | None,
+    copy_probe: dict[str, Any] | None,
     workloads: list[dict[str, Any]],
     rows: list[dict[str, Any]],
     train: dict[str, Any] | None,
@@ -1480,13 +1531,16 @@ def assemble(
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         },
         "bandwidth": {
-            "method": "best of dst.copy_(src) fp32, bytes moved = read + write",
+            "method": "best of the in-place fp32 probes dst.add_(src, alpha=0) and "
+            "dst.lerp_(src, 1e-3); bytes moved = read src + read dst + write dst",
             "bytes": probes[0]["bytes"],
-            "probes": sum(10 for _ in probes),
+            "probes": 10 * len(probes),
             "best_bytes_per_s": bw,
             "runs": probes,
-            "inplace_add_best_bytes_per_s": inplace["best_bytes_per_s"] if inplace else None,
-            "inplace_add_note": "dst.add_(src), 3 transfers; informational, not used for floors",
+            "cache_bytes": cache_bytes(args.device),
+            "copy_best_bytes_per_s": copy_probe["best_bytes_per_s"] if copy_probe else None,
+            "copy_note": "dst.copy_(src) counted as read + write; a CPU also reads dst before "
+            "writing it (write-allocate), so this reads low; informational, not used for floors",
         },
         "workloads": workloads,
         "rows": rows,
@@ -1538,8 +1592,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = Path(args.out) if args.out else RESULTS_DIR / f"update_speed_{args.device}_{day}.json"
 
     probe_bytes = (1 << 30) if args.device == "cuda" else (256 << 20)
-    probes = [copy_bandwidth(args.device, probe_bytes, reps=10)]
-    print(f"copy bandwidth: {probes[0]['best_bytes_per_s'] / 1e9:.1f} GB/s", file=sys.stderr)
+    probes = probe_bandwidth(args.device, probe_bytes)
+    bw0 = max(p["best_bytes_per_s"] for p in probes)
+    print(f"in-place bandwidth: {bw0 / 1e9:.1f} GB/s", file=sys.stderr)
+    cache = cache_bytes(args.device)
 
     all_rows: list[dict[str, Any]] = []
     wl_info: list[dict[str, Any]] = []
@@ -1550,6 +1606,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = bench_workload(wl, specs, args, bw)
         info = wl.summary()
         info["polyak_auto_kernel"] = polyak_auto_kernel(wl)
+        info["cache_bytes"] = cache
+        info["floor_is_bound"] = floor_is_bound(info["working_set_bytes"], cache)
         wl_info.append(info)
         all_rows += rows
         del wl
@@ -1559,9 +1617,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             partial = assemble(args, run, probes, None, wl_info, all_rows, None, complete=False)
             write_json_atomic(out, partial)
 
-    # a second probe at the end; the floor uses the best bandwidth seen in the run
-    probes.append(copy_bandwidth(args.device, probe_bytes, reps=10))
-    inplace = copy_bandwidth(args.device, probe_bytes, reps=10, op="add")
+    # the probes again at the end; the floor uses the best bandwidth seen in the run
+    probes += probe_bandwidth(args.device, probe_bytes)
+    copy_probe = memory_bandwidth(args.device, probe_bytes, reps=10, op="copy")
 
     train = None
     if args.train_step:
@@ -1570,7 +1628,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train = train_step_bench(specs + extra, args)
         print(f"train step: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    result = assemble(args, run, probes, inplace, wl_info, all_rows, train, complete=True)
+    result = assemble(args, run, probes, copy_probe, wl_info, all_rows, train, complete=True)
     print(render_table(result))
     print()
     print(render_targets(result["targets"], args.device))

@@ -1,4 +1,5 @@
-"""The benchmark's statistics: paired ratios of round-robin rows and the target verdicts.
+"""The benchmark's mechanics: paired ratios of round-robin rows, the target verdicts, the floor
+probe. No timing is asserted: fake clocks stand in where time matters.
 
 The benchmark scripts are not part of the package; they are loaded from bench/ the way a script
 run there sees them.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -67,14 +69,23 @@ def _result(device: str, rows: list[dict]) -> dict:
     }
 
 
-def _bench_row(workload: str, impl: str, kernel: str, samples: list[float], floor: float) -> dict:
+def _bench_row(
+    workload: str,
+    impl: str,
+    kernel: str,
+    samples: list[float],
+    floor: float,
+    dtype: str = "fp32",
+) -> dict:
     return {
         "workload": workload,
         "impl": impl,
         "kernel": kernel,
+        "dtype": dtype,
         "samples_ms": samples,
         "ms_median": statistics.median(samples),
         "floor_ms": floor,
+        "floor_is_bound": True,
     }
 
 
@@ -134,13 +145,79 @@ def test_a_run_cut_short_keeps_the_workloads_it_finished(bench, tmp_path, monkey
         ]
 
     monkeypatch.setattr(us, "bench_workload", one_row)
-    monkeypatch.setattr(
-        us, "copy_bandwidth", lambda *a, **k: {"best_bytes_per_s": 1e10, "bytes": 1}
-    )
+    monkeypatch.setattr(us, "memory_bandwidth", _fake_probe)
     out = tmp_path / "run.json"
     with pytest.raises(KeyboardInterrupt):
         us.main(["--device", "cpu", "--workloads", "many_tiny", "resnet50", "--out", str(out)])
     saved = json.loads(out.read_text())
     assert saved["complete"] is False
     assert [r["workload"] for r in saved["rows"]] == ["many_tiny"]
-    assert saved["rows"][0]["floor_ms"] == pytest.approx(0.1)  # 1e6 B at 1e10 B/s
+    assert saved["rows"][0]["floor_ms"] == pytest.approx(0.1)  # 1e6 B at 1e10 B/s (in-place)
+
+
+# ---------------------------------------------------------------- the floor probe
+
+# a fake probe: the in-place ops at 1e10 and 0.8e10 B/s, a copy at 2e10 (never the floor)
+_PROBE_BW = {"add": 1e10, "lerp": 0.8e10, "copy": 2e10}
+
+
+def _fake_probe(device, nbytes, reps=10, op="add"):
+    return {"op": op, "bytes": float(nbytes), "best_bytes_per_s": _PROBE_BW[op]}
+
+
+@pytest.mark.parametrize(("op", "transfers"), [("add", 3), ("lerp", 3), ("copy", 2)])
+def test_floor_probe_counts_what_the_op_reads_and_writes(bench, monkeypatch, op, transfers):
+    """An in-place op reads both buffers and writes one: 3 x the buffer per call (a lerp's
+    traffic); a copy is counted as 2 (its destination's read-for-ownership is not counted)."""
+    common, _ = bench
+    monkeypatch.setattr(common, "time_calls", lambda fn, device, inner=1: 2.0)  # ms per call
+    got = common.memory_bandwidth("cpu", 4 << 20, reps=3, op=op)
+    assert got["moved_per_call"] == transfers * (4 << 20)
+    assert got["best_bytes_per_s"] == pytest.approx(transfers * (4 << 20) / 2e-3)
+    with pytest.raises(ValueError, match="op must be one of"):
+        common.memory_bandwidth("cpu", 1 << 10, op="triad")
+
+
+def test_floor_probe_ops_move_data_like_a_lerp(bench):
+    """The probes really run in place: ``add`` leaves dst as it was (alpha 0), ``lerp`` moves it
+    towards src; a probe that wrote a fresh tensor would not be an in-place op."""
+    common, _ = bench
+    seen = []
+    real = torch.Tensor.add_
+
+    def spy(self, other, *a, **k):
+        seen.append((self.data_ptr(), other.data_ptr(), k.get("alpha")))
+        return real(self, other, *a, **k)
+
+    torch.Tensor.add_ = spy
+    try:
+        common.memory_bandwidth("cpu", 1 << 12, reps=2, op="add")
+    finally:
+        torch.Tensor.add_ = real
+    assert len({(d, s) for d, s, _ in seen}) == 1 and seen[0][0] != seen[0][1]
+    assert {a for _, _, a in seen} == {0.0}
+
+
+def test_floors_come_from_the_best_in_place_probe(bench, monkeypatch, tmp_path):
+    _, us = bench
+    monkeypatch.setattr(us, "memory_bandwidth", _fake_probe)
+    probes = us.probe_bandwidth("cpu", 1 << 20)
+    assert sorted(p["op"] for p in probes) == ["add", "lerp"]
+    rows = [{"workload": "w", "bytes_per_update": 10**7, "ms_median": 2.0}]
+    wls = [{"name": "w", "bytes_per_update": 10**7, "floor_is_bound": True}]
+    us._apply_floors(rows, wls, max(p["best_bytes_per_s"] for p in probes))
+    assert rows[0]["floor_ms"] == pytest.approx(1.0)  # 1e7 B at the add probe's 1e10 B/s
+    assert rows[0]["x_floor"] == pytest.approx(2.0)
+
+
+def test_a_floor_for_a_workload_that_fits_in_the_cache_is_not_a_floor(bench):
+    _, us = bench
+    cache = 32 << 20
+    assert us.floor_is_bound(3 * cache, cache) and not us.floor_is_bound(cache, cache)
+    assert us.floor_is_bound(10, None)  # unknown cache: taken as a floor
+    row = _bench_row("bf16", "polyak", "foreach", [5.0] * 6, 5.0, dtype="bf16/fp32")
+    row["floor_is_bound"] = False
+    targets = us.evaluate_targets(_result("cpu", [row]))
+    floor = [t for t in targets if "floor" in t["target"]]
+    assert [t["verdict"] for t in floor] == ["not a floor"] and floor[0]["ratio"] is None
+    assert "cache" in us.render_targets(targets, "cpu")
