@@ -1,5 +1,5 @@
 """The benchmark's mechanics: paired ratios of round-robin rows, the target verdicts, the floor
-probe. No timing is asserted: fake clocks stand in where time matters.
+probe and the raw chunked row. No timing is asserted: fake clocks stand in where time matters.
 
 The benchmark scripts are not part of the package; they are loaded from bench/ the way a script
 run there sees them.
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -221,3 +222,50 @@ def test_a_floor_for_a_workload_that_fits_in_the_cache_is_not_a_floor(bench):
     floor = [t for t in targets if "floor" in t["target"]]
     assert [t["verdict"] for t in floor] == ["not a floor"] and floor[0]["ratio"] is None
     assert "cache" in us.render_targets(targets, "cpu")
+
+
+# ---------------------------------------------------------------- the raw chunked row
+
+
+def _workload(bench, model, shadow_dtype=torch.float32, buffers=False):
+    _, us = bench
+    return us.Workload("w", "test", model, buffers, shadow_dtype, True)
+
+
+def test_raw_chunked_row_computes_the_naive_upcast_bit_for_bit(bench, monkeypatch):
+    """Chunks smaller than a tensor (slices) and holding several tensors (shared scratch)."""
+    _, us = bench
+    torch.manual_seed(0)
+    shapes = [(37, 5), (3,), (300,), (2, 2, 2)]
+    model = nn.ParameterList(
+        nn.Parameter(torch.randn(s).to(torch.bfloat16), requires_grad=False) for s in shapes
+    )
+    wl = _workload(bench, model)
+    monkeypatch.setitem(us._RAW_CHUNK, "bytes", 64 * 4)  # 64 fp32 elements per chunk
+    chunked, naive = us.make_raw_chunked(wl), us.make_raw(wl)
+    # 64 | 64 | 57+3 | 64 | 64 | 64 | 64 | 44+8: slices of the 185- and 300-element tensors,
+    # and two chunks shared by two tensors
+    assert "8 chunks" in chunked.note
+    for step in range(3):
+        with torch.no_grad():
+            for p in model:
+                p.add_(torch.randn(p.shape).to(torch.bfloat16))
+        chunked.update()
+        naive.update()
+        for name, _ in wl.avg:
+            assert torch.equal(chunked.shadow_of(name), naive.shadow_of(name)), (step, name)
+
+
+def test_bf16_raw_target_uses_the_chunked_row(bench):
+    _, us = bench
+    raw, _ = _drifting_rounds(40, 1.0, seed=6)
+    rows = [
+        _bench_row("bf16", "raw_foreach_lerp", "foreach", [t * 3 for t in raw], 5.0),
+        _bench_row("bf16", "raw_foreach_lerp", "chunked", raw, 5.0),
+        _bench_row("bf16", "polyak", "foreach", [t * 1.2 for t in raw], 5.0),
+    ]
+    for r in rows:
+        r["dtype"] = "bf16/fp32"
+    by = {t["target"]: t for t in us.evaluate_targets(_result("cpu", rows))}
+    t = by["polyak <= 1.05x raw _foreach_lerp_ (chunked fp32 upcast)"]
+    assert t["ratio"] == pytest.approx(1.2, rel=0.02) and t["verdict"] == "NOT met"
