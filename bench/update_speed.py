@@ -14,8 +14,9 @@ Peers: ``pip install torch-ema ema-pytorch`` and ``pip install --no-deps timm`` 
 What it does, per workload (``--workloads``; CPU runs use the same tensor counts with fewer elements,
 except ResNet-50, which always runs at full size):
 
-1. builds the model and, for every implementation, an EMA of it (an implementation that cannot be
-   built, or fails on its first update, gets an ``unavailable``/``failed`` row with the reason);
+1. builds the model and, for every implementation, an EMA of it at the same constant decay
+   (``DECAY``; each peer's warm-up switched off as its users would), or an ``unavailable`` /
+   ``failed`` row with the reason;
 2. warms each one up, then checks what each one really tracks: every floating tensor of the model
    is nudged, each implementation updates once, and each of its shadows is classed as averaged,
    copied, not updated or not tracked; the ``tracked`` column and the tensor and element counts of
@@ -23,7 +24,11 @@ except ResNet-50, which always runs at full size):
 3. times ``update()`` round-robin: each repetition runs every implementation once, in a rotated
    order, so drift hits all alike; median and IQR over the repetitions, warm-up excluded, and
    every repetition's time in the JSON, so two rows can be compared round by round;
-4. sets the floor from an in-place bandwidth probe taken in the same run (``dst.add_(src)`` and
+4. checks the values: the model is shifted, each implementation updates twice more, and each
+   shadow must match a float64 lerp of its own previous value at ``DECAY`` (to a tolerance set
+   by the shadow dtype); a row that fails, or that tracks another set of tensors than the
+   workload's, is marked and counts in no target;
+5. sets the floor from an in-place bandwidth probe taken in the same run (``dst.add_(src)`` and
    ``dst.lerp_(src, w)``, 3 transfers each, as a lerp):
    ``floor = (bytes read + bytes written per update) / bandwidth``, with 12 B per element for fp32
    weights and shadows (read weight, read shadow, write shadow), 10 B for bf16 weights with fp32
@@ -36,7 +41,7 @@ fp32 weights, bf16 autocast, fused AdamW, timed with and without each EMA.
 Results go to ``bench/results/update_speed_<device>_<date>.json`` (see bench/README.md for the
 schema) and a markdown table, then a "targets" section computed from the rows, go to stdout: each
 target's ratio is paired round by round, with a 95% bootstrap interval and a verdict of met,
-NOT met or within noise.
+NOT met or within noise (or excluded, where a row failed the value check).
 """
 
 from __future__ import annotations
@@ -79,11 +84,14 @@ from _common import (
 from torch import nn
 
 SCHEMA_VERSION = 2
-DECAY = 0.999
+DECAY = 0.999  # every implementation runs at this constant decay (warm-ups switched off)
 PEER_PACKAGES = ("torch-ema", "ema-pytorch", "timm")
 RAW = "raw_foreach_lerp"
 RAW_LIVE = "live"  # the kernel label of raw _foreach_lerp_ on the nn.Parameters themselves
 RAW_CHUNKED = "chunked"  # bf16 params, fp32 shadows: upcast through a persistent chunked scratch
+# the value check (``verify_values``): updates run towards a model shifted by VERIFY_SHIFT
+VERIFY_STEPS = 2
+VERIFY_SHIFT = 64.0
 # a workload whose bytes touched per update are below this many last-level caches may be served
 # from the cache: its "floor" from a DRAM bandwidth probe is then not a lower bound
 CACHE_RESIDENT_FACTOR = 2
@@ -597,12 +605,13 @@ def make_torch_ema(wl: Workload) -> Impl:
         from torch_ema import ExponentialMovingAverage
     except ImportError as e:
         raise Unavailable(f"torch_ema not installed ({e}): pip install torch-ema") from e
-    # torch_ema's arithmetic cannot average integer buffers: hand it the floating tensors only
-    ema = ExponentialMovingAverage([t for _, t in wl.avg], decay=DECAY)
-    note = ""
+    # torch_ema's arithmetic cannot average integer buffers: hand it the floating tensors only;
+    # use_num_updates=False: its default warms the decay up as min(d, (1 + n) / (10 + n))
+    ema = ExponentialMovingAverage([t for _, t in wl.avg], decay=DECAY, use_num_updates=False)
+    note = "use_num_updates=False"
     if _mixed(wl):
         ema.shadow_params = [s.to(wl.shadow_dtype) for s in ema.shadow_params]
-        note = "shadows cast to fp32 after construction (torch_ema clones in the weights' dtype)"
+        note += "; shadows cast to fp32 after construction (it clones in the weights' dtype)"
     table = dict(zip([n for n, _ in wl.avg], ema.shadow_params, strict=True))
     return Impl("torch_ema", "loop", ema.update, table.get, note, ema)
 
@@ -613,14 +622,17 @@ def make_ema_pytorch(foreach: bool) -> Callable[[Workload], Impl]:
             from ema_pytorch import EMA
         except ImportError as e:
             raise Unavailable(f"ema_pytorch not installed ({e}): pip install ema-pytorch") from e
+        # its decay is clamp(1 - (1 + t / inv_gamma) ** -power, min_value, beta) for step t > 0:
+        # min_value=beta makes it the constant beta from its second update on (the first copies)
         kw: dict[str, Any] = dict(
             beta=DECAY,
+            min_value=DECAY,
             update_after_step=0,
             update_every=1,
             use_foreach=foreach,
             include_online_model=False,
         )
-        note = "update_after_step=0, update_every=1"
+        note = "min_value=beta (constant decay), update_after_step=0, update_every=1"
         if not wl.buffers:
             kw["ignore_names"] = {n for n, _ in wl.model.named_buffers()}
             if kw["ignore_names"]:
@@ -702,9 +714,12 @@ def make_timm_v2(wl: Workload) -> Impl:
 
 def make_timm_v3(wl: Workload) -> Impl:
     mod = load_timm_model_ema(_TIMM.get("path"))
-    kw: dict[str, Any] = dict(decay=DECAY, foreach=True, exclude_buffers=not wl.buffers)
+    # use_warmup=False (its default): a constant decay from step 2 on (step 1 copies)
+    kw: dict[str, Any] = dict(
+        decay=DECAY, use_warmup=False, foreach=True, exclude_buffers=not wl.buffers
+    )
     kernel = "foreach"
-    note = "update(model, step=n)"
+    note = "use_warmup=False, update(model, step=n)"
     if _mixed(wl):
         kw["dtype"] = wl.shadow_dtype
         note += ", dtype=float32"
@@ -859,6 +874,7 @@ def observe_tracking(wl: Workload, impls: list[Impl]) -> dict[int, dict[str, Any
     result: dict[int, dict[str, Any]] = {}
     for impl in impls:
         counts: dict[tuple[str, str], int] = {}
+        states: dict[str, str] = {}
         n_tensors = n_elements = 0
         dtypes: set[torch.dtype] = set()
         for kind, n, t in kinds:
@@ -875,6 +891,7 @@ def observe_tracking(wl: Workload, impls: list[Impl]) -> dict[int, dict[str, Any
                     state = "averaged"
                 else:
                     state = "not updated"
+            states[n] = state
             if state in ("averaged", "copied"):
                 n_tensors += 1
                 n_elements += t.numel()
@@ -886,8 +903,172 @@ def observe_tracking(wl: Workload, impls: list[Impl]) -> dict[int, dict[str, Any
             "n_tensors": n_tensors,
             "n_elements": n_elements,
             "shadow_dtype": dtypes.pop() if len(dtypes) == 1 else None,
+            "states": states,
         }
     return result
+
+
+def compare_tracked_set(wl: Workload, states: dict[str, str]) -> tuple[bool, str]:
+    """Does an implementation track the workload's set: its averaged tensors averaged, its
+    copied (integer) tensors copied, and nothing else updated? ``(same, what differs)``.
+
+    ``states`` maps each model tensor's name to what :func:`observe_tracking` saw (averaged,
+    copied, not updated, untracked); a tensor outside the workload's set that is left alone
+    (not updated or untracked) counts as not tracked.
+    """
+    want = {n: "averaged" for n, _ in wl.avg} | {n: "copied" for n, _ in wl.copy}
+    kinds = {n: kind for kind, n, _ in _tensor_kinds(wl)}
+    words = {"param": "params", "fbuf": "float bufs", "ibuf": "int bufs"}
+    diffs: dict[tuple[str, str, str], int] = {}
+    for name, got in states.items():
+        expected = want.get(name, "not tracked")
+        if got in ("not updated", "untracked"):
+            got = "not tracked"
+        if got != expected:
+            key = (words[kinds[name]], got, expected)
+            diffs[key] = diffs.get(key, 0) + 1
+    if not diffs:
+        return True, ""
+    return False, "; ".join(
+        f"{c} {kind} {got} (workload: {expected})" for (kind, got, expected), c in diffs.items()
+    )
+
+
+def value_tolerance(
+    s0_absmax: float, p_absmax: float, w: float, steps: int, dtype: torch.dtype
+) -> float:
+    """Largest error an exact-decay lerp in ``dtype`` can have after ``steps`` updates.
+
+    One update computes ``s + w (p - s)`` (or ``d s + w p``, or ``s - w (s - p)``) with at most
+    three roundings to ``dtype``, each off by at most half an ulp (stochastic rounding: one ulp)
+    of a value no larger than ``|s| + w (|p| + |s|)``, and ``ulp(x) <= eps |x|``: at most
+    ``2 eps (S + w (P + S))`` per update, with ``P = max|p|`` and ``S`` bounding every ``|s|``
+    on the way (``s`` moves from ``s0`` towards ``p`` by ``1 - d**steps`` of the distance, so
+    ``S = |s0| + (1 - d**steps)(|s0| + P)``). Plus the decay itself held in fp32 (ATen's opmath
+    for a Python-float weight; ema-pytorch computes its decay as an fp32 tensor): ``1 - decay``
+    off by up to ``2**-24`` moves ``s`` by up to ``2**-24 (P + S)``. An earlier update's error
+    shrinks by ``d < 1``, so ``steps`` updates add up to at most ``steps`` times the sum, plus
+    the smallest normal number per update for values near zero. The maxima are per tensor.
+    """
+    info = torch.finfo(dtype)
+    c = 1.0 - (1.0 - w) ** steps
+    most = s0_absmax + c * (s0_absmax + p_absmax)
+    spread = p_absmax + most
+    return steps * (2 * info.eps * (most + w * spread) + 2.0**-24 * spread + info.tiny)
+
+
+def max_abs_error(s: torch.Tensor, s0: torch.Tensor, p: torch.Tensor, c: float) -> float:
+    """``max |s - r|`` in float64 with ``r = s0 + c (p - s0)``, a slice at a time (small float64
+    temporaries, reused from the cache); ``inf`` when anything is NaN."""
+    fs, f0, fp = s.detach().reshape(-1), s0.reshape(-1), p.detach().reshape(-1)
+    step = 1 << (24 if s.device.type == "cuda" else 18)
+    worst = torch.zeros((), dtype=torch.float64, device=s.device)
+    for i in range(0, fs.numel(), step):
+        ref = f0[i : i + step].double()
+        ref.add_(fp[i : i + step].double() - ref, alpha=c)
+        worst = torch.maximum(worst, ref.sub_(fs[i : i + step].double()).abs_().max())
+    return float(torch.nan_to_num(worst, nan=math.inf))
+
+
+@torch.no_grad()
+def verify_values(
+    wl: Workload, impls: list[Impl], steps: int = VERIFY_STEPS
+) -> dict[int, dict[str, Any]]:
+    """Check each implementation's arithmetic against a float64 lerp of its own shadows.
+
+    The model is moved once: every averaged tensor by ``+VERIFY_SHIFT``, every copied (integer)
+    tensor by ``+7``; then, for each implementation, its shadows ``s0`` are read, it updates
+    ``steps`` times, and each shadow must match the float64 reference of ``steps`` lerps at
+    the constant ``DECAY``, ``r = s0 + (1 - DECAY**steps) (p - s0)``, to within
+    :func:`value_tolerance`; each copy must equal the model's tensor exactly. A shift of 64
+    moves a shadow by about 0.064 per update, far more than a bf16 ulp of it, so a different
+    decay shows: ``1 - decay`` off by 6% of itself fails in bf16, by 1e-4 of itself in fp32.
+    Run last: the model stays shifted.
+
+    Returns, per implementation (by ``id``): ``ok``, ``steps``, ``max_err_over_tol`` (the
+    worst ``max|s - r| / tol`` of a tensor), ``worst`` (that tensor), ``missing`` (averaged
+    or copied tensors without a shadow), ``copies_wrong`` and ``error`` (an update raised).
+    """
+    w = 1.0 - DECAY
+    c = 1.0 - DECAY**steps
+    for _, t in wl.avg:
+        t.add_(VERIFY_SHIFT)
+    for _, t in wl.copy:
+        t.add_(7)
+    sync(wl.device)
+    p_absmax = {n: float(t.detach().abs().max()) for n, t in wl.avg}
+    # one snapshot buffer per shadow dtype, reused by every implementation
+    total = sum(t.numel() for _, t in wl.avg)
+    snaps: dict[torch.dtype, torch.Tensor] = {}
+    out: dict[int, dict[str, Any]] = {}
+    for impl in impls:
+        res: dict[str, Any] = {
+            "ok": False,
+            "steps": steps,
+            "max_err_over_tol": None,
+            "worst": None,
+            "missing": [],
+            "copies_wrong": [],
+            "error": None,
+        }
+        out[id(impl)] = res
+        try:
+            before: dict[str, torch.Tensor | None] = {}
+            offset = 0
+            for n, t in wl.avg:
+                s = impl.shadow_of(n)
+                before[n] = None
+                if s is not None:
+                    if s.dtype not in snaps:
+                        snaps[s.dtype] = torch.empty(total, dtype=s.dtype, device=wl.device)
+                    view = snaps[s.dtype][offset : offset + s.numel()].view(s.shape)
+                    before[n] = view.copy_(s.detach())
+                offset += t.numel()
+            for _ in range(steps):
+                impl.update()
+            sync(wl.device)
+        except Exception as e:
+            res["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            continue
+        worst, worst_name = -1.0, None
+        for n, p in wl.avg:
+            s, s0 = impl.shadow_of(n), before.pop(n)
+            if s is None or s0 is None or s.shape != p.shape:
+                res["missing"].append(n)
+                continue
+            err = max_abs_error(s, s0, p, c)
+            tol = value_tolerance(float(s0.abs().max()), p_absmax[n], w, steps, s.dtype)
+            if err / tol > worst:
+                worst, worst_name = err / tol, n
+        for n, p in wl.copy:
+            s = impl.shadow_of(n)
+            if s is None:
+                res["missing"].append(n)
+            elif s.shape != p.shape or not torch.equal(s.detach().to(p.dtype), p.detach()):
+                res["copies_wrong"].append(n)
+        res["max_err_over_tol"] = max(worst, 0.0) if worst_name else None
+        res["worst"] = worst_name
+        res["ok"] = 0.0 <= worst <= 1.0 and not res["missing"] and not res["copies_wrong"]
+    return out
+
+
+def check_summary(check: dict[str, Any] | None, same_set: bool | None, set_diff: str) -> str:
+    """The table's ``check`` cell: ``ok``, or what failed."""
+    if check is None:
+        return "-"
+    parts = []
+    if check.get("error"):
+        parts.append(f"check raised {check['error']}")
+    if check.get("missing"):
+        parts.append(f"{len(check['missing'])} tensors not tracked")
+    if check.get("copies_wrong"):
+        parts.append(f"{len(check['copies_wrong'])} copies wrong")
+    r = check.get("max_err_over_tol")
+    if r is not None and r > 1.0:
+        parts.append(f"values off by {r:.3g}x the tolerance ({check['worst']})")
+    if same_set is False:
+        parts.append(f"other set: {set_diff}")
+    return "; ".join(parts) if parts else "ok"
 
 
 def _describe(counts: dict[tuple[str, str], int]) -> str:
@@ -998,6 +1179,12 @@ def _row(wl: Workload, spec: Spec, **kw: Any) -> dict[str, Any]:
         "n_tensors": None,
         "n_elements": None,
         "tracked": None,
+        "same_set": None,
+        "set_diff": "",
+        "check": None,
+        "check_summary": "-",
+        "eligible": False,
+        "excluded_why": "not timed",
         "ms_median": None,
         "ms_iqr": None,
         "x_floor": None,
@@ -1051,8 +1238,8 @@ def bench_workload(
         live.append((spec, impl))
     phases["build"] = time.perf_counter() - t0
 
-    # warm-up (at least 3 updates, so warm-up schedules and lazy init are past), and the size of
-    # each timed repetition: enough back-to-back calls to fill min_rep_ms
+    # warm-up (at least 3 updates, so lazy init and first-update copies are past), and the size
+    # of each timed repetition: enough back-to-back calls to fill min_rep_ms
     ok: list[tuple[Spec, Impl]] = []
     slow: list[tuple[Spec, Impl, float]] = []
     for spec, impl in live:
@@ -1072,10 +1259,9 @@ def bench_workload(
     live = ok
     phases["warmup"] = time.perf_counter() - t0 - phases["build"]
 
-    seen = {}
+    checked = [impl for _, impl in live] + [i for _, i, _ in slow]
     t1 = time.perf_counter()
-    if (live or slow) and not args.no_check:
-        seen = observe_tracking(wl, [impl for _, impl in live] + [i for _, i, _ in slow])
+    seen = observe_tracking(wl, checked) if checked else {}
     phases["check"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
@@ -1085,6 +1271,10 @@ def bench_workload(
         for _, impl in live[k:] + live[:k]:
             samples[id(impl)].append(time_calls(impl.update, device, impl.inner))
     phases["timed"] = time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    values = verify_values(wl, checked) if checked else {}
+    phases["verify"] = time.perf_counter() - t1
     print(
         f"  {wl.name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
         file=sys.stderr,
@@ -1101,6 +1291,13 @@ def bench_workload(
         sdt = info.get("shadow_dtype") or wl.shadow_dtype
         nbytes = wl.bytes_per_update(sdt)
         floor_ms = nbytes / bandwidth * 1e3
+        check = values.get(id(impl))
+        same_set, set_diff = compare_tracked_set(wl, info.get("states", {}))
+        why = []
+        if not (check and check["ok"]):
+            why.append("values differ from the float64 reference lerp")
+        if not same_set:
+            why.append(f"tracks another set ({set_diff})")
         rows.append(
             _row(
                 wl,
@@ -1109,7 +1306,13 @@ def bench_workload(
                 dtype=_dtype_label(wl.param_dtype, sdt),
                 n_tensors=info.get("n_tensors"),
                 n_elements=info.get("n_elements"),
-                tracked=info.get("tracked", "not checked (--no-check)"),
+                tracked=info.get("tracked"),
+                same_set=same_set,
+                set_diff=set_diff,
+                check=check,
+                check_summary=check_summary(check, same_set, set_diff),
+                eligible=not why,
+                excluded_why="; ".join(why),
                 ms_median=med,
                 ms_iqr=iqr,
                 floor_ms=floor_ms,
@@ -1124,7 +1327,11 @@ def bench_workload(
                 status="slow" if any(impl is i for _, i, _ in slow) else "ok",
             )
         )
-    peers = [r["ms_median"] for r in rows if r["ms_median"] is not None and is_peer(r["impl"])]
+    peers = [
+        r["ms_median"]
+        for r in rows
+        if r["ms_median"] is not None and is_peer(r["impl"]) and r["eligible"]
+    ]
     best = min(peers) if peers else None
     for r in rows:
         if best and r["ms_median"] is not None:
@@ -1224,6 +1431,7 @@ TABLE = [
     ("n_tensors", "tensors"),
     ("n_elements", "elements"),
     ("tracked", "tracked"),
+    ("check_summary", "check"),
     ("ms_median", "ms"),
     ("ms_iqr", "IQR"),
     ("x_floor", "x floor"),
@@ -1310,8 +1518,10 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     beyond it, and ``within noise`` when the limit falls inside it (then ``met`` is the point
     estimate's side: a rerun may flip it).
 
-    A floor target on a workload small enough to stay in the cache (``floor_is_bound`` false)
-    is ``not a floor``.
+    Only rows that passed the value check and track the workload's set (``eligible``) count:
+    a peer that does not is no candidate for "fastest peer", a reference row that does not
+    leaves its target ``excluded``, and so does a polyak row of its own. A floor target on a
+    workload small enough to stay in the cache (``floor_is_bound`` false) is ``not a floor``.
     The reference for "polyak <= 1.05x raw" is the raw row with the same inputs as polyak: on
     bf16 weights with fp32 shadows, the chunked upcast (``raw_foreach_lerp/chunked``), not the
     naive one that allocates an fp32 copy of the weights at every update.
@@ -1340,11 +1550,26 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             }
         )
 
-    def add(target: str, row: dict[str, Any], ref: dict[str, Any] | float, limit: float) -> None:
-        if isinstance(ref, float) and row.get("floor_is_bound") is False:
-            why = "the workload fits in the cache: the DRAM floor is not a floor here"
-            entry(target, row, limit, verdict="not a floor", why=why)
+    def add(
+        target: str, row: dict[str, Any], ref: dict[str, Any] | float | None, limit: float
+    ) -> None:
+        why = []
+        if not row.get("eligible"):
+            why.append(f"polyak/{row['kernel']}: {row.get('excluded_why') or 'not checked'}")
+        if ref is None:
+            why.append("no eligible reference row")
+        elif isinstance(ref, dict) and not ref.get("eligible"):
+            why.append(
+                f"reference {ref['impl']}/{ref['kernel']}: "
+                f"{ref.get('excluded_why') or 'not checked'}"
+            )
+        elif isinstance(ref, float) and row.get("floor_is_bound") is False:
+            why.append("the workload fits in the cache: the DRAM floor is not a floor here")
+        if why:
+            verdict = "not a floor" if "not a floor" in why[-1] else "excluded"
+            entry(target, row, limit, verdict=verdict, why="; ".join(why))
             return
+        assert ref is not None
         a = samples(row)
         b = [ref] * len(a) if isinstance(ref, float) else samples(ref)
         ratio, lo, hi = paired_ratio(a, b)
@@ -1360,7 +1585,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         raw = raw_rows.get(RAW_CHUNKED if mixed else "foreach")
         live = raw_rows.get(RAW_LIVE)
         peers = [r for r in group if is_peer(r["impl"])]
-        best = min(peers, key=lambda r: r["ms_median"]) if peers else None
+        eligible_peers = [r for r in peers if r.get("eligible")]
+        best = min(eligible_peers, key=lambda r: r["ms_median"]) if eligible_peers else None
         # the non-reference kernels that round to nearest (stochastic rounding does more work
         # than raw lerp; it has a floor target of its own)
         fast = [
@@ -1384,7 +1610,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                         live,
                         1.05,
                     )
-                if name.startswith("resnet50") and best:
+                if name.startswith("resnet50") and peers:
                     add("polyak <= 0.8x fastest peer (ResNet-50)", r, best, 0.8)
                 if name == "bf16":
                     add("bf16 params, fp32 shadows <= 1.2x 10 B/elem floor", r, r["floor_ms"], 1.2)
@@ -1426,7 +1652,8 @@ def render_targets(targets: list[dict[str, Any]], device: str) -> str:
     lines.append(
         "(auto) marks the kernel polyak picks by default for that workload; each ratio is the "
         "median of per-round ratios, [95% bootstrap interval]; 'within noise': the limit lies "
-        "inside the interval"
+        "inside the interval; only rows that passed the value check and track the workload's "
+        "tensors count"
     )
     if not targets:
         lines.append("- no polyak rows to check")
@@ -1492,7 +1719,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="an update slower than this is timed once, outside the round-robin (cpu 3000, cuda 1000)",
     )
-    p.add_argument("--no-check", action="store_true", help="skip the tracked-tensors check")
     p.add_argument(
         "--raw-chunk-mib",
         type=float,
@@ -1596,12 +1822,15 @@ def assemble(
         **run["meta"],
         "timm_ema_source": _TIMM.get("info") or _TIMM.get("error"),
         "decay": DECAY,
+        "decay_note": "constant for every implementation (warm-ups off); checked per row",
         "settings": {
             "device": args.device,
             "reps": args.reps,
             "warmup": args.warmup,
             "threads": torch.get_num_threads(),
             "min_rep_ms": args.min_rep_ms,
+            "verify_steps": VERIFY_STEPS,
+            "verify_shift": VERIFY_SHIFT,
             "compile_budget_s": args.compile_budget_s,
             "cpu_fused": args.cpu_fused,
             "raw_chunk_mib": args.raw_chunk_mib,

@@ -1,5 +1,6 @@
 """The benchmark's mechanics: paired ratios of round-robin rows, the target verdicts, the floor
-probe and the raw chunked row. No timing is asserted: fake clocks stand in where time matters.
+probe, the value check of every implementation. No timing is asserted: fake clocks stand in
+where time matters.
 
 The benchmark scripts are not part of the package; they are loaded from bench/ the way a script
 run there sees them.
@@ -7,6 +8,7 @@ run there sees them.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -76,6 +78,7 @@ def _bench_row(
     kernel: str,
     samples: list[float],
     floor: float,
+    eligible: bool = True,
     dtype: str = "fp32",
 ) -> dict:
     return {
@@ -87,6 +90,8 @@ def _bench_row(
         "ms_median": statistics.median(samples),
         "floor_ms": floor,
         "floor_is_bound": True,
+        "eligible": eligible,
+        "excluded_why": "" if eligible else "values differ from the float64 reference lerp",
     }
 
 
@@ -269,3 +274,228 @@ def test_bf16_raw_target_uses_the_chunked_row(bench):
     by = {t["target"]: t for t in us.evaluate_targets(_result("cpu", rows))}
     t = by["polyak <= 1.05x raw _foreach_lerp_ (chunked fp32 upcast)"]
     assert t["ratio"] == pytest.approx(1.2, rel=0.02) and t["verdict"] == "NOT met"
+
+
+# ---------------------------------------------------------------- the value check
+
+
+def _fake_impl(bench, wl, decay, shadow_dtype=None, skip=(), rounding="nearest", buffers=True):
+    """An EMA written in the test: ``s += (1 - decay) (p - s)`` in the shadow dtype (bf16:
+    computed in fp32, rounded to nearest or stochastically), skipping the names in ``skip``."""
+    _, us = bench
+    named = list(wl.avg)
+    if buffers:  # also every floating buffer, whether the workload averages it or not
+        have = {n for n, _ in named}
+        named += [
+            (n, b) for n, b in wl.model.named_buffers() if b.is_floating_point() and n not in have
+        ]
+    named = [(n, t) for n, t in named if n not in skip]
+    dtype = shadow_dtype or wl.shadow_dtype
+    shadows = {n: t.detach().to(dtype, copy=True) for n, t in named}
+    gen = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def update():
+        for n, t in named:
+            s = shadows[n]
+            exact = s.float() + (1 - decay) * (t.float() - s.float())
+            if rounding == "stochastic":  # add random low bits, then truncate to bf16
+                bits = exact.view(torch.int32)
+                noise = torch.randint(0, 1 << 16, exact.shape, generator=gen, dtype=torch.int32)
+                exact = ((bits + noise) & -65536).view(torch.float32)
+            s.copy_(exact)
+
+    return us.Impl("fake", f"decay={decay}", update, shadows.get)
+
+
+def _verify(bench, wl, impls):
+    _, us = bench
+    for impl in impls:
+        impl.update()
+    return [us.verify_values(wl, [impl])[id(impl)] for impl in impls]
+
+
+def _mlp(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4)).to(dtype)
+
+
+def test_value_check_passes_exact_decays_and_catches_wrong_ones_fp32(bench):
+    _, us = bench
+    results = {}
+    in_fp32 = float(torch.tensor(us.DECAY, dtype=torch.float32))  # as ema-pytorch holds it
+    two_ulps = us.DECAY + 2 * 2.0**-24  # 0.999 is in [0.5, 1): an fp32 ulp is 2**-24
+    for decay in (us.DECAY, in_fp32, two_ulps, 0.9989, 0.998):
+        wl = _workload(bench, _mlp())
+        results[decay] = _verify(bench, wl, [_fake_impl(bench, wl, decay)])[0]
+    assert results[us.DECAY]["ok"] and results[us.DECAY]["max_err_over_tol"] < 0.5
+    assert in_fp32 != us.DECAY and results[in_fp32]["ok"]
+    # 1 - decay off by 1e-4 of itself, by 10% and by 2x
+    assert not results[two_ulps]["ok"]
+    assert not results[0.9989]["ok"] and results[0.9989]["max_err_over_tol"] > 10
+    assert not results[0.998]["ok"]
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_value_check_in_bf16_allows_rounding_and_catches_a_decay_off_by_10pct(bench, rounding):
+    _, us = bench
+    ok, wrong = (
+        _verify(bench, wl, [_fake_impl(bench, wl, d, rounding=rounding)])[0]
+        for d, wl in (
+            (us.DECAY, _workload(bench, _mlp(torch.bfloat16), torch.bfloat16)),
+            (0.9989, _workload(bench, _mlp(torch.bfloat16), torch.bfloat16)),
+        )
+    )
+    assert ok["ok"], ok
+    assert not wrong["ok"], wrong
+
+
+def test_value_check_names_a_missing_tensor_and_a_wrong_copy(bench):
+    _, us = bench
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    wl = _workload(bench, model, buffers=True)
+    skipping = _fake_impl(bench, wl, us.DECAY, skip={"0.bias"})  # never copies int buffers
+    res = _verify(bench, wl, [skipping])[0]
+    assert not res["ok"] and res["missing"] == ["0.bias", "1.num_batches_tracked"]
+    summary = us.check_summary(res, True, "")
+    assert "2 tensors not tracked" in summary
+    # an integer buffer held but never copied (or truncated by decay * x): a wrong copy
+    stale = _fake_impl(bench, wl, us.DECAY)
+    shadows = {n: stale.shadow_of(n) for n, _ in wl.avg}
+    shadows["1.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    stale = us.Impl("fake", "stale", stale.update, shadows.get)
+    res = _verify(bench, wl, [stale])[0]
+    assert not res["ok"] and res["copies_wrong"] == ["1.num_batches_tracked"]
+    assert res["missing"] == [] and res["max_err_over_tol"] < 1
+    assert "1 copies wrong" in us.check_summary(res, True, "")
+
+
+def test_tracked_set_must_match_the_workload(bench):
+    """A peer that also averages the BatchNorm buffers of a params-only workload tracks another
+    set: marked, and no candidate for the fastest peer."""
+    _, us = bench
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    wl = _workload(bench, model, buffers=False)
+    same = _fake_impl(bench, wl, us.DECAY, buffers=False)
+    more = _fake_impl(bench, wl, us.DECAY, buffers=True)
+    seen = us.observe_tracking(wl, [same, more])
+    assert us.compare_tracked_set(wl, seen[id(same)]["states"]) == (True, "")
+    ok, diff = us.compare_tracked_set(wl, seen[id(more)]["states"])
+    assert not ok and diff == "2 float bufs averaged (workload: not tracked)"
+    # the buffers-tracking workload: the params-only impl misses them, and the int buffer
+    wl_b = _workload(bench, model, buffers=True)
+    seen = us.observe_tracking(wl_b, [same])
+    ok, diff = us.compare_tracked_set(wl_b, seen[id(same)]["states"])
+    assert not ok and "2 float bufs not tracked (workload: averaged)" in diff
+    assert "1 int bufs not tracked (workload: copied)" in diff
+
+
+def test_targets_count_only_checked_rows(bench):
+    _, us = bench
+    base, _ = _drifting_rounds(40, 1.0, seed=7)
+    rows = [
+        _bench_row("resnet50", "polyak", "foreach", base, 5.0),
+        _bench_row("resnet50", "polyak", "reference", base, 5.0, eligible=False),
+        _bench_row("resnet50", "raw_foreach_lerp", "foreach", base, 5.0, eligible=False),
+        # a fast peer that failed the check is not the fastest peer
+        _bench_row("resnet50", "timm_v3", "foreach", [t * 0.5 for t in base], 5.0, False),
+        _bench_row("resnet50", "torch_ema", "loop", [t * 2.0 for t in base], 5.0),
+    ]
+    by = {t["target"]: t for t in us.evaluate_targets(_result("cpu", rows))}
+    peer = by["polyak <= 0.8x fastest peer (ResNet-50)"]
+    assert peer["ratio"] == pytest.approx(0.5, rel=0.02) and peer["verdict"] == "met"
+    raw = by["polyak <= 1.05x raw _foreach_lerp_"]
+    assert raw["verdict"] == "excluded" and "raw_foreach_lerp/foreach" in raw["why"]
+    # an ineligible polyak row gets an explicit excluded line, never a silent pass
+    rows[0]["eligible"] = False
+    rows[0]["excluded_why"] = "values differ from the float64 reference lerp"
+    verdicts = {t["verdict"] for t in us.evaluate_targets(_result("cpu", rows))}
+    assert verdicts == {"excluded"}
+
+
+def _peer_module(bench, name):
+    _, us = bench
+    if name == "timm":  # found and loaded by file, as the bench does (timm needs torchvision)
+        try:
+            us.load_timm_model_ema()
+        except us.Unavailable as e:
+            pytest.skip(str(e))
+    else:
+        pytest.importorskip(name)
+
+
+@pytest.mark.parametrize(
+    ("maker", "module"),
+    [
+        ("make_torch_ema", "torch_ema"),
+        ("ema_pytorch_loop", "ema_pytorch"),
+        ("ema_pytorch_foreach", "ema_pytorch"),
+        ("make_timm_v3", "timm"),
+        ("make_timm_v2", "timm"),
+        ("make_swa", "torch"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_peers_as_configured_run_the_same_constant_decay(bench, maker, module, dtype):
+    """Each peer, configured by the bench for a constant decay, passes the value check after
+    a warm-up; the peers' defaults (torch_ema's num_updates warm-up) would not."""
+    _, us = bench
+    _peer_module(bench, module)
+    make = {
+        "ema_pytorch_loop": us.make_ema_pytorch(False),
+        "ema_pytorch_foreach": us.make_ema_pytorch(True),
+    }.get(maker) or getattr(us, maker)
+    wl = _workload(bench, _mlp(dtype), dtype)
+    impl = make(wl)
+    for _ in range(5):
+        impl.update()
+    res = us.verify_values(wl, [impl])[id(impl)]
+    assert res["ok"], res
+
+
+def test_torch_ema_default_warmup_fails_the_value_check(bench):
+    _, us = bench
+    torch_ema = pytest.importorskip("torch_ema")
+    wl = _workload(bench, _mlp())
+    ema = torch_ema.ExponentialMovingAverage([t for _, t in wl.avg], decay=us.DECAY)
+    impl = us.Impl(
+        "torch_ema",
+        "default",
+        ema.update,
+        dict(zip([n for n, _ in wl.avg], ema.shadow_params, strict=True)).get,
+    )
+    for _ in range(5):
+        impl.update()
+    res = us.verify_values(wl, [impl])[id(impl)]
+    assert not res["ok"] and res["max_err_over_tol"] > 100
+
+
+def test_a_wrong_peer_is_marked_and_excluded_in_a_bench_run(bench, monkeypatch):
+    """The whole workload pass: the value check and the set check mark their rows."""
+    _, us = bench
+    monkeypatch.setattr(us, "time_calls", lambda fn, device, inner=1, wall=False: 1.0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8))
+    wl = _workload(bench, model, buffers=False)
+    impls = {
+        "right": _fake_impl(bench, wl, us.DECAY, buffers=False),
+        "warm-up": _fake_impl(bench, wl, 0.99, buffers=False),
+        "buffers too": _fake_impl(bench, wl, us.DECAY, buffers=True),
+    }
+    specs = [us.Spec("peer", k, lambda wl, k=k: impls[k]) for k in impls]
+    args = argparse.Namespace(
+        device="cpu",
+        warmup=3,
+        compile_budget_s=0,
+        max_update_ms=3000.0,
+        min_rep_ms=20.0,
+        max_inner=200,
+        reps=4,
+        seed=0,
+    )
+    rows = dict(zip(impls, us.bench_workload(wl, specs, args, 1e10), strict=True))
+    assert rows["right"]["eligible"] and rows["right"]["check_summary"] == "ok"
+    assert not rows["warm-up"]["eligible"] and rows["warm-up"]["same_set"]
+    assert "values differ" in rows["warm-up"]["excluded_why"]
+    assert rows["warm-up"]["check_summary"].startswith("values off by")
+    assert not rows["buffers too"]["eligible"] and rows["buffers too"]["check"]["ok"]
+    assert "tracks another set" in rows["buffers too"]["excluded_why"]
