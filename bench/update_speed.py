@@ -2,7 +2,7 @@
 
 Run from the repository root (``PYTHONPATH=src`` unless polyak is installed):
 
-    PYTHONPATH=src python bench/update_speed.py --device cpu                 # all workloads, < 5 min
+    PYTHONPATH=src python bench/update_speed.py --device cpu                 # all, about 6 min
     PYTHONPATH=src python bench/update_speed.py --device cuda --train-step   # the GPU run
     PYTHONPATH=src python bench/update_speed.py --device cpu --quick --workloads resnet50 many_tiny
     PYTHONPATH=src python bench/update_speed.py --list                       # workloads and impls
@@ -21,9 +21,11 @@ except ResNet-50, which always runs at full size):
    is nudged, each implementation updates once, and each of its shadows is classed as averaged,
    copied, not updated or not tracked; the ``tracked`` column and the tensor and element counts of
    a row come from that check, not from what the implementation claims;
-3. times ``update()`` round-robin: each repetition runs every implementation once, in a rotated
-   order, so drift hits all alike; median and IQR over the repetitions, warm-up excluded, and
-   every repetition's time in the JSON, so two rows can be compared round by round;
+3. times ``update()`` round-robin: each round runs every implementation once, the same number of
+   calls for all of them, in an order shuffled afresh each round (seeded), so drift and the cache
+   left by the previous implementation hit all alike; median and IQR over the rounds, warm-up
+   excluded, and every round's time (and position) in the JSON, so two rows can be compared
+   round by round;
 4. checks the values: the model is shifted, each implementation updates twice more, and each
    shadow must match a float64 lerp of its own previous value at ``DECAY`` (to a tolerance set
    by the shadow dtype); a row that fails, or that tracks another set of tensors than the
@@ -54,6 +56,7 @@ import importlib.util
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import threading
@@ -1196,6 +1199,7 @@ def _row(wl: Workload, spec: Spec, **kw: Any) -> dict[str, Any]:
         "reps": 0,
         "inner": 0,
         "samples_ms": [],
+        "positions": [],
         "first_update_s": None,
     }
     row.update(kw)
@@ -1206,6 +1210,28 @@ def _dtype_label(param: torch.dtype, shadow: torch.dtype | None) -> str:
     if shadow is None or shadow == param:
         return _short(param)
     return f"{_short(param)}/{_short(shadow)}"
+
+
+def round_orders(n: int, rounds: int, seed: str) -> list[list[int]]:
+    """The order of ``n`` implementations in each of ``rounds`` rounds: a fresh shuffle per
+    round from ``random.Random(seed)`` (reproducible), so no implementation always runs behind
+    the same one, or first."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(rounds):
+        order = list(range(n))
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def calls_per_rep(times_ms: list[float], min_rep_ms: float, max_inner: int) -> int:
+    """Calls per timed repetition, the same for every implementation of a workload: enough
+    for the fastest one's repetition to last ``min_rep_ms``, at most ``max_inner``. With the
+    same count, a repetition's first call (the one that finds the caches holding the previous
+    implementation's data) weighs the same in every row."""
+    fastest = min(times_ms) if times_ms else min_rep_ms
+    return max(1, min(max_inner, math.ceil(min_rep_ms / max(fastest, 1e-3))))
 
 
 def bench_workload(
@@ -1238,10 +1264,10 @@ def bench_workload(
         live.append((spec, impl))
     phases["build"] = time.perf_counter() - t0
 
-    # warm-up (at least 3 updates, so lazy init and first-update copies are past), and the size
-    # of each timed repetition: enough back-to-back calls to fill min_rep_ms
+    # warm-up (at least 3 updates, so lazy init and first-update copies are past)
     ok: list[tuple[Spec, Impl]] = []
     slow: list[tuple[Spec, Impl, float]] = []
+    warm_ms: list[float] = []
     for spec, impl in live:
         tw = time.perf_counter()
         try:
@@ -1254,9 +1280,12 @@ def bench_workload(
             if t > args.max_update_ms:
                 slow.append((spec, impl, t))
                 continue
-        impl.inner = max(1, min(args.max_inner, math.ceil(args.min_rep_ms / max(t, 1e-3))))
+        warm_ms.append(t)
         ok.append((spec, impl))
     live = ok
+    inner = calls_per_rep(warm_ms, args.min_rep_ms, args.max_inner)
+    for _, impl in live:
+        impl.inner = inner
     phases["warmup"] = time.perf_counter() - t0 - phases["build"]
 
     checked = [impl for _, impl in live] + [i for _, i, _ in slow]
@@ -1264,12 +1293,16 @@ def bench_workload(
     seen = observe_tracking(wl, checked) if checked else {}
     phases["check"] = time.perf_counter() - t1
 
+    # round-robin: every round runs each implementation once (``inner`` calls), in a shuffled
+    # order; sample r of every row comes from round r, so rows can be compared round by round
     t1 = time.perf_counter()
     samples: dict[int, list[float]] = {id(impl): [] for _, impl in live}
-    for r in range(args.reps):
-        k = r % len(live) if live else 0
-        for _, impl in live[k:] + live[:k]:
+    positions: dict[int, list[int]] = {id(impl): [] for _, impl in live}
+    for order in round_orders(len(live), args.reps, f"{args.seed}:{wl.name}"):
+        for pos, i in enumerate(order):
+            impl = live[i][1]
             samples[id(impl)].append(time_calls(impl.update, device, impl.inner))
+            positions[id(impl)].append(pos)
     phases["timed"] = time.perf_counter() - t1
 
     t1 = time.perf_counter()
@@ -1282,6 +1315,7 @@ def bench_workload(
 
     for _, impl, t in slow:
         samples[id(impl)] = [t]
+        positions[id(impl)] = []
         impl.note = (
             f"{impl.note}; " if impl.note else ""
         ) + f"slow: over --max-update-ms {args.max_update_ms:g}, timed once, not round-robin"
@@ -1324,6 +1358,7 @@ def bench_workload(
                 first_update_s=round(impl.first_update_s, 3),
                 # per repetition, in round order: sample r of every row was taken in round r
                 samples_ms=[round(t, 5) for t in samples[id(impl)]],
+                positions=positions[id(impl)],
                 status="slow" if any(impl is i for _, i, _ in slow) else "ok",
             )
         )
@@ -1385,9 +1420,8 @@ def train_step_bench(specs: list[Spec], args: argparse.Namespace) -> dict[str, A
             fn()
     sync(device)
     samples: list[list[float]] = [[] for _ in configs]
-    for r in range(args.train_reps):
-        k = r % len(configs)
-        for i in list(range(k, len(configs))) + list(range(k)):
+    for order in round_orders(len(configs), args.train_reps, f"{args.seed}:train_step"):
+        for i in order:
             # wall clock around a device-wide synchronize: a side-stream update is counted too
             samples[i].append(
                 time_calls(configs[i][2], device, args.train_steps_per_rep, wall=True)
@@ -1455,6 +1489,7 @@ def render_table(result: dict[str, Any]) -> str:
             "floor_ms": w["floor_ms"]
             if w.get("floor_is_bound", True)
             else f"{fmt_num(w['floor_ms'])} (fits in cache: not a floor)",
+            "inner": w.get("inner"),
             "auto": w.get("polyak_auto_kernel"),
         }
         for w in result["workloads"]
@@ -1482,6 +1517,7 @@ def render_table(result: dict[str, Any]) -> str:
                 ("arch", "model"),
                 ("bytes", "bytes/update"),
                 ("floor_ms", "floor ms"),
+                ("inner", "calls/rep"),
                 ("auto", "polyak auto kernel"),
             ],
         ),
@@ -1720,6 +1756,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="an update slower than this is timed once, outside the round-robin (cpu 3000, cuda 1000)",
     )
     p.add_argument(
+        "--seed", type=int, default=0, help="seed of the per-round shuffled order (default 0)"
+    )
+    p.add_argument(
         "--raw-chunk-mib",
         type=float,
         default=None,
@@ -1829,6 +1868,8 @@ def assemble(
             "warmup": args.warmup,
             "threads": torch.get_num_threads(),
             "min_rep_ms": args.min_rep_ms,
+            "max_inner": args.max_inner,
+            "seed": args.seed,
             "verify_steps": VERIFY_STEPS,
             "verify_shift": VERIFY_SHIFT,
             "compile_budget_s": args.compile_budget_s,
@@ -1916,6 +1957,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = bench_workload(wl, specs, args, bw)
         info = wl.summary()
         info["polyak_auto_kernel"] = polyak_auto_kernel(wl)
+        info["inner"] = next(
+            (r["inner"] for r in rows if r.get("inner") and r.get("reps", 0) > 1), None
+        )
         info["cache_bytes"] = cache
         info["floor_is_bound"] = floor_is_bound(info["working_set_bytes"], cache)
         wl_info.append(info)

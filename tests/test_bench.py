@@ -1,6 +1,6 @@
 """The benchmark's mechanics: paired ratios of round-robin rows, the target verdicts, the floor
-probe, the value check of every implementation. No timing is asserted: fake clocks stand in
-where time matters.
+probe, the value check of every implementation, the calls per repetition and the order of each
+round. No timing is asserted: fake clocks stand in where time matters.
 
 The benchmark scripts are not part of the package; they are loaded from bench/ the way a script
 run there sees them.
@@ -499,3 +499,64 @@ def test_a_wrong_peer_is_marked_and_excluded_in_a_bench_run(bench, monkeypatch):
     assert rows["warm-up"]["check_summary"].startswith("values off by")
     assert not rows["buffers too"]["eligible"] and rows["buffers too"]["check"]["ok"]
     assert "tracks another set" in rows["buffers too"]["excluded_why"]
+
+
+# ---------------------------------------------------------------- calls and order per round
+
+
+def test_calls_per_rep_follow_the_fastest_and_are_bounded(bench):
+    _, us = bench
+    assert us.calls_per_rep([1.0, 5.0, 50.0], 20.0, 200) == 20
+    assert us.calls_per_rep([0.01], 20.0, 200) == 200
+    assert us.calls_per_rep([30.0, 90.0], 20.0, 200) == 1
+
+
+def test_round_orders_are_seeded_shuffles(bench):
+    _, us = bench
+    orders = us.round_orders(5, 40, "0:resnet50")
+    assert all(sorted(o) == list(range(5)) for o in orders)
+    assert orders == us.round_orders(5, 40, "0:resnet50")  # reproducible
+    assert orders != us.round_orders(5, 40, "1:resnet50")
+    assert len({tuple(o) for o in orders}) > 20  # not a rotation (5 distinct orders at most)
+    for impl in range(5):  # no one always runs first, or behind the same implementation
+        firsts = [o[0] == impl for o in orders]
+        before = {o[o.index(impl) - 1] for o in orders if o.index(impl) > 0}
+        assert not all(firsts) and len(before) >= 3
+
+
+def test_every_implementation_gets_the_same_calls_per_rep(bench, monkeypatch):
+    """Implementations at 1, 4 and 40 ms per call all run 20 calls per repetition (20 ms for
+    the fastest), in shuffled orders; positions are recorded per round."""
+    _, us = bench
+    wl = _workload(bench, _mlp())
+    speeds = {0.999: 1.0, 0.9990000001: 4.0, 0.9990000002: 40.0}
+    impls = {d: _fake_impl(bench, wl, d) for d in speeds}
+    by_fn = {impls[d].update: ms for d, ms in speeds.items()}
+    timed: list[tuple[object, int]] = []
+
+    def fake_time_calls(fn, device, inner=1, wall=False):
+        for _ in range(inner):
+            fn()
+        timed.append((fn, inner))
+        return by_fn[fn]
+
+    monkeypatch.setattr(us, "time_calls", fake_time_calls)
+    specs = [us.Spec("fake", f"k{i}", lambda wl, d=d: impls[d]) for i, d in enumerate(speeds)]
+    args = argparse.Namespace(
+        device="cpu",
+        warmup=3,
+        compile_budget_s=0,
+        max_update_ms=3000.0,
+        min_rep_ms=20.0,
+        max_inner=200,
+        reps=8,
+        seed=0,
+    )
+    rows = us.bench_workload(wl, specs, args, 1e10)
+    assert [r["inner"] for r in rows] == [20, 20, 20]
+    assert {inner for fn, inner in timed if inner > 1} == {20}
+    assert sum(1 for _, inner in timed if inner == 20) == 8 * 3
+    positions = [r["positions"] for r in rows]
+    assert all(sorted(col) == [0, 1, 2] for col in zip(*positions, strict=True))
+    assert len({tuple(col) for col in zip(*positions, strict=True)}) > 1
+    assert all(r["check_summary"] == "ok" and r["eligible"] for r in rows)
