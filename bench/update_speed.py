@@ -2,7 +2,7 @@
 
 Run from the repository root (``PYTHONPATH=src`` unless polyak is installed):
 
-    PYTHONPATH=src python bench/update_speed.py --device cpu                 # all, about 6 min
+    PYTHONPATH=src python bench/update_speed.py --device cpu --require-quiet # all, about 6 min
     PYTHONPATH=src python bench/update_speed.py --device cuda --train-step   # the GPU run
     PYTHONPATH=src python bench/update_speed.py --device cpu --quick --workloads resnet50 many_tiny
     PYTHONPATH=src python bench/update_speed.py --list                       # workloads and impls
@@ -37,6 +37,10 @@ except ResNet-50, which always runs at full size):
    shadows and 6 B for bf16 shadows; copied (integer) tensors count read + write. A workload
    small enough to stay in the last-level cache gets its floor marked as not a floor.
 
+The run records the commit and whether the tree had uncommitted changes, the load averages, and
+how many cores other processes kept busy before and during the run; above ``--max-load`` the run
+is marked loaded (``--require-quiet``: refused).
+
 ``--train-step`` (CUDA only) adds the share of a real training step: ViT-B/16, batch 128, 224 px,
 fp32 weights, bf16 autocast, fused AdamW, timed with and without each EMA.
 
@@ -70,9 +74,12 @@ from typing import Any
 import torch
 from _common import (
     RESULTS_DIR,
+    LoadMonitor,
     cache_bytes,
     fmt_num,
     git_commit,
+    load_threshold,
+    load_verdict,
     machine_info,
     markdown_table,
     median_iqr,
@@ -1507,7 +1514,14 @@ def render_table(result: dict[str, Any]) -> str:
             else ""
         )
     )
-    parts = [
+    load = result.get("load") or {}
+    parts = []
+    if load.get("loaded"):
+        parts += [f"**LOADED RUN: {load['why']}**", ""]
+    git = result.get("polyak") or {}
+    if git.get("tree_dirty"):
+        parts += [f"uncommitted changes: {', '.join(git.get('dirty_files') or [])}", ""]
+    parts += [
         head,
         "",
         markdown_table(
@@ -1683,8 +1697,12 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def render_targets(targets: list[dict[str, Any]], device: str) -> str:
+def render_targets(
+    targets: list[dict[str, Any]], device: str, load: dict[str, Any] | None = None
+) -> str:
     lines = [f"## targets ({device})"]
+    if load and load.get("loaded"):
+        lines.append(f"**LOADED RUN: {load['why']}**")
     lines.append(
         "(auto) marks the kernel polyak picks by default for that workload; each ratio is the "
         "median of per-round ratios, [95% bootstrap interval]; 'within noise': the limit lies "
@@ -1765,6 +1783,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="fp32 scratch of the raw chunked row (bf16 weights, fp32 shadows), MiB "
         "(default: a quarter of the last-level cache, 1 to 64 MiB)",
     )
+    p.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="busy cores of other processes above which the run is marked loaded "
+        "(default: 10%% of the cores, at least 0.5)",
+    )
+    p.add_argument(
+        "--require-quiet",
+        action="store_true",
+        help="refuse to start when other processes are above --max-load (measured over 2 s)",
+    )
     p.add_argument("--timm-file", default=None, help="path to timm/utils/model_ema.py")
     p.add_argument("--train-step", action="store_true", help="also time ViT-B/16 steps (cuda)")
     p.add_argument("--train-batch", type=int, default=128)
@@ -1788,6 +1818,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_update_ms = 1000.0 if cuda else 3000.0
     if args.min_rep_ms is None:
         args.min_rep_ms = 5.0 if cuda else 20.0
+    if args.max_load is None:
+        args.max_load = load_threshold(os.cpu_count())
     if args.raw_chunk_mib is not None and args.raw_chunk_mib <= 0:
         p.error(f"--raw-chunk-mib must be positive, got {args.raw_chunk_mib}")
     if args.train_step and not cuda:
@@ -1853,6 +1885,8 @@ def assemble(
     """The result document; ``complete`` is false for the copies written after each workload."""
     bw = max(p["best_bytes_per_s"] for p in probes)
     _apply_floors(rows, workloads, bw)
+    foreign = run["monitor"].stop()
+    loaded, why = load_verdict([run["foreign_start"], foreign], args.max_load)
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "update_speed",
@@ -1877,6 +1911,7 @@ def assemble(
             "raw_chunk_mib": args.raw_chunk_mib,
             "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
             "max_update_ms": args.max_update_ms,
+            "max_load": args.max_load,
             "quick": args.quick,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         },
@@ -1896,11 +1931,26 @@ def assemble(
         "rows": rows,
         "train_step": train,
         "elapsed_s": round(time.perf_counter() - run["t_start"], 1),
-        # 1/5/15-minute load averages before and after: other processes skew CPU timings
+        # 1/5/15-minute load averages before and after (they include this run's own threads)
         "load_avg": {"start": run["load_start"], "end": _load_avg()},
+        "load": {
+            "loaded": loaded,
+            "why": why,
+            "threshold_cores": args.max_load,
+            # busy cores of other processes: over 2 s before the run, and over the run
+            "foreign_cores_before": run["foreign_start"],
+            "foreign_cores_during": foreign,
+        },
     }
     result["targets"] = evaluate_targets(result)
     return result
+
+
+def sample_foreign_load(seconds: float = 2.0) -> float | None:
+    """Busy cores of other processes over ``seconds`` while this one sleeps."""
+    monitor = LoadMonitor().start()
+    time.sleep(seconds)
+    return monitor.stop()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -1917,11 +1967,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     _CPU_FUSED["policy"] = args.cpu_fused
     _RAW_CHUNK["bytes"] = None if args.raw_chunk_mib is None else int(args.raw_chunk_mib * 2**20)
     specs = select_specs(args.impls)
+    foreign_start = sample_foreign_load()
+    loaded, why = load_verdict([foreign_start], args.max_load)
+    if loaded:
+        if args.require_quiet:
+            raise SystemExit(f"--require-quiet: {why}")
+        print(f"warning: {why}; the run will be marked loaded", file=sys.stderr)
     # what the run measures (machine, versions, the commit) is read once, before the first number
     run = {
         "started": utc_now(),
         "t_start": time.perf_counter(),
         "load_start": _load_avg(),
+        "foreign_start": foreign_start,
+        "monitor": LoadMonitor().start(),
         "meta": {
             "machine": machine_info(args.device),
             "torch": torch.__version__,
@@ -1929,14 +1987,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "polyak": {**package_versions(["polyak"]), **git_commit()},
         },
     }
+    if run["meta"]["polyak"].get("tree_dirty"):
+        files = ", ".join(run["meta"]["polyak"]["dirty_files"][:5])
+        print(f"warning: uncommitted changes ({files}): recorded in the JSON", file=sys.stderr)
     torch.manual_seed(0)
-    load_start = run["load_start"]
-    if args.device == "cpu" and load_start and load_start[0] > 0.5:
-        print(
-            f"warning: load average {load_start[0]:.2f} before the run; other processes on "
-            f"this machine's {os.cpu_count()} cores will slow and scatter the CPU timings",
-            file=sys.stderr,
-        )
     out = None
     if not args.no_write:
         day = run["started"].date().isoformat()
@@ -1985,8 +2039,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = assemble(args, run, probes, copy_probe, wl_info, all_rows, train, complete=True)
     print(render_table(result))
     print()
-    print(render_targets(result["targets"], args.device))
+    print(render_targets(result["targets"], args.device, result["load"]))
     print(f"\n(elapsed {result['elapsed_s']} s)")
+    if result["load"]["loaded"]:
+        print(f"warning: LOADED RUN: {result['load']['why']}", file=sys.stderr)
     if out:
         write_json_atomic(out, result)
         print(f"wrote {out}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """The benchmark's mechanics: paired ratios of round-robin rows, the target verdicts, the floor
 probe, the value check of every implementation, the calls per repetition and the order of each
-round. No timing is asserted: fake clocks stand in where time matters.
+round, the load marking. No timing is asserted: fake clocks stand in where time matters.
 
 The benchmark scripts are not part of the package; they are loaded from bench/ the way a script
 run there sees them.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def test_a_run_cut_short_keeps_the_workloads_it_finished(bench, tmp_path, monkey
 
     monkeypatch.setattr(us, "bench_workload", one_row)
     monkeypatch.setattr(us, "memory_bandwidth", _fake_probe)
+    monkeypatch.setattr(us, "sample_foreign_load", lambda: 0.0)
     out = tmp_path / "run.json"
     with pytest.raises(KeyboardInterrupt):
         us.main(["--device", "cpu", "--workloads", "many_tiny", "resnet50", "--out", str(out)])
@@ -560,3 +562,97 @@ def test_every_implementation_gets_the_same_calls_per_rep(bench, monkeypatch):
     assert all(sorted(col) == [0, 1, 2] for col in zip(*positions, strict=True))
     assert len({tuple(col) for col in zip(*positions, strict=True)}) > 1
     assert all(r["check_summary"] == "ok" and r["eligible"] for r in rows)
+
+
+# ---------------------------------------------------------------- load and the commit
+
+
+def test_load_verdict_and_threshold(bench):
+    common, _ = bench
+    assert common.load_threshold(2) == 0.5 and common.load_threshold(16) == pytest.approx(1.6)
+    assert common.load_verdict([0.1, 0.4], 0.5)[0] is False
+    loaded, why = common.load_verdict([0.1, 0.9], 0.5)
+    assert loaded is True and "0.90 cores" in why
+    assert common.load_verdict([None, None], 0.5)[0] is None
+
+
+def test_load_monitor_leaves_out_this_process_tree(bench, monkeypatch):
+    common, _ = bench
+    clock = iter([100.0, 110.0])  # 10 s of wall time
+    busy = iter([1000.0, 1030.0])  # 30 busy CPU seconds on the machine
+    own = iter([5.0, 15.0])  # 10 of them ours
+    monkeypatch.setattr(common.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(common, "_proc_stat_busy_s", lambda: next(busy))
+    monkeypatch.setattr(common, "_own_cpu_s", lambda: next(own))
+    assert common.LoadMonitor().start().stop() == pytest.approx(2.0)
+
+
+def test_own_cpu_time_counts_children(bench):
+    common, _ = bench
+    if common._proc_stat_busy_s() is None:
+        pytest.skip("no /proc/stat")
+    before = common._own_cpu_s()
+    subprocess.run([sys.executable, "-c", "sum(range(3 * 10**7))"], check=True)
+    assert common._own_cpu_s() - before > 0.2
+
+
+class _FixedMonitor:
+    """Stands in for LoadMonitor during the run: other processes kept ``cores`` busy."""
+
+    cores = 0.0
+
+    def start(self):
+        return self
+
+    def stop(self):
+        return self.cores
+
+
+def _quiet_run(bench, monkeypatch, tmp_path, foreign, *extra, during=0.0):
+    _, us = bench
+    monkeypatch.setattr(us, "memory_bandwidth", _fake_probe)
+    monkeypatch.setattr(us, "sample_foreign_load", lambda: foreign)
+    monkeypatch.setattr(_FixedMonitor, "cores", during)
+    monkeypatch.setattr(us, "LoadMonitor", _FixedMonitor)
+    monkeypatch.setattr(us, "bench_workload", lambda wl, specs, args, bw: [])
+    out = tmp_path / "run.json"
+    us.main(["--device", "cpu", "--workloads", "many_tiny", "--out", str(out), *extra])
+    return json.loads(out.read_text())
+
+
+def test_a_loaded_run_is_marked_or_refused(bench, monkeypatch, tmp_path, capsys):
+    _, us = bench
+    busy = _quiet_run(bench, monkeypatch, tmp_path, 1.5, "--max-load", "0.5")
+    assert busy["load"]["loaded"] is True and busy["load"]["foreign_cores_before"] == 1.5
+    assert "LOADED RUN" in capsys.readouterr().out
+    assert "LOADED RUN" in us.render_targets([], "cpu", busy["load"])
+    # quiet before the run, busy during it: loaded too
+    later = _quiet_run(bench, monkeypatch, tmp_path, 0.0, "--max-load", "0.5", during=0.9)
+    assert later["load"]["loaded"] is True and later["load"]["foreign_cores_during"] == 0.9
+    quiet = _quiet_run(bench, monkeypatch, tmp_path, 0.2, "--max-load", "0.5", during=0.3)
+    assert quiet["load"]["loaded"] is False
+    assert "LOADED RUN" not in us.render_targets([], "cpu", quiet["load"])
+    with pytest.raises(SystemExit, match="--require-quiet"):
+        _quiet_run(bench, monkeypatch, tmp_path, 1.5, "--max-load", "0.5", "--require-quiet")
+    assert {"commit", "tree_dirty", "dirty_files"} <= set(quiet["polyak"])
+
+
+def test_git_commit_records_a_dirty_tree(bench, tmp_path):
+    common, _ = bench
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.py").write_text("x = 1\n")
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "c"], check=True)
+    clean = common.git_commit(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["tree_dirty"] is False
+    (tmp_path / "bench" / "results" / "new.json").write_text("{}")  # results do not count
+    assert common.git_commit(tmp_path)["tree_dirty"] is False
+    (tmp_path / "bench" / "tool.py").write_text("")
+    dirty = common.git_commit(tmp_path)
+    assert dirty["tree_dirty"] is True and dirty["dirty_files"] == ["bench/tool.py"]
+    assert dirty["src_dirty"] is False
+    (tmp_path / "src" / "a.py").write_text("x = 2\n")
+    assert common.git_commit(tmp_path)["src_dirty_files"] == ["src/a.py"]
