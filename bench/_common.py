@@ -7,11 +7,15 @@ Import it from a script in ``bench/`` (a script run as ``python bench/<name>.py`
 
 What lives here, and nothing else:
 
-- run metadata: :func:`machine_info`, :func:`package_versions`, :func:`git_commit`, :func:`utc_now`;
+- run metadata: :func:`machine_info`, :func:`package_versions`, :func:`git_commit`, :func:`utc_now`,
+  :func:`cache_bytes`;
+- load: :class:`LoadMonitor` (CPU time of other processes over a stretch of the run, from
+  ``/proc/stat``), :func:`load_verdict`;
 - results: :func:`write_json_atomic` (temp file, fsync, ``os.replace``), :func:`markdown_table`;
 - timing: :func:`sync`, :func:`time_calls` (CUDA events on a GPU, ``perf_counter_ns`` on a CPU),
   :func:`median_iqr`, :func:`paired_ratio` (a ratio of two round-robin rows, with a bootstrap
-  interval), :func:`copy_bandwidth` (the memory-bandwidth probe behind every "floor").
+  interval), :func:`memory_bandwidth` (the in-place ``dst.add_(src)`` / ``dst.lerp_(src, w)``
+  probe behind every "floor": read two tensors, write one, as an EMA lerp does).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -48,8 +53,13 @@ def utc_now() -> _dt.datetime:
 
 
 def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
-    """``git rev-parse HEAD`` of the checkout, and which files under ``src/`` have uncommitted
-    changes (the numbers were measured on those edits, not on the commit alone)."""
+    """``git rev-parse HEAD`` of the checkout and what in it differs from that commit.
+
+    ``tree_dirty`` is true when any tracked file outside ``bench/results/`` has uncommitted changes
+    or an untracked, not-ignored file exists there (``dirty_files`` lists them): the numbers were
+    then measured on those edits, not on the commit alone. ``src_dirty`` / ``src_dirty_files`` are
+    the same for ``src/`` alone. ``None`` where git is not available.
+    """
 
     def _git(*args: str) -> str | None:
         try:
@@ -61,12 +71,17 @@ def git_commit(root: Path = REPO_ROOT) -> dict[str, Any]:
         return out.stdout.rstrip("\n")
 
     head = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--", "src")
-    dirty = [line[3:] for line in status.splitlines()] if status else []
+    status = _git("status", "--porcelain", "--untracked-files=all")
+    files = [line[3:] for line in status.splitlines()] if status else []
+    files = [f for f in files if not f.startswith("bench/results/")]
+    src = [f for f in files if f.startswith("src/")]
+    known = status is not None
     return {
         "commit": head,
-        "src_dirty": bool(dirty) if status is not None else None,
-        "src_dirty_files": dirty,
+        "tree_dirty": bool(files) if known else None,
+        "dirty_files": files,
+        "src_dirty": bool(src) if known else None,
+        "src_dirty_files": src,
     }
 
 
@@ -103,6 +118,29 @@ def machine_info(device: str) -> dict[str, Any]:
         info["gpu_count"] = torch.cuda.device_count()
         info["cudnn"] = torch.backends.cudnn.version()
     return info
+
+
+def cache_bytes(device: str | torch.device) -> int | None:
+    """Size of the last-level cache that the device's memory traffic goes through, in bytes.
+
+    CUDA: the GPU's L2 (``L2_cache_size``). CPU: the largest ``cache/index*/size`` of cpu0 in
+    sysfs (the L3 on x86; shared by the cores of one complex). ``None`` where it cannot be read.
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return int(getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 0)) or None
+    best = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        best = size if best is None else max(best, size)
+    return best
 
 
 def package_versions(names: Iterable[str]) -> dict[str, str | None]:
@@ -272,35 +310,151 @@ def paired_ratio(
     return float(np.median(ratios)), float(lo), float(hi)
 
 
-def copy_bandwidth(
-    device: str | torch.device, nbytes: int, reps: int = 10, op: str = "copy"
-) -> dict[str, float]:
-    """Best bandwidth of ``dst.copy_(src)`` over ``reps`` copies of ``nbytes`` fp32 bytes.
+# bytes moved per element of the probe's fp32 tensors: what is read plus what is written
+PROBE_TRANSFERS = {"add": 3, "lerp": 3, "copy": 2}
 
-    Bytes moved per copy = bytes read + bytes written = ``2 * nbytes``. With ``op="add"`` the probe
-    is ``dst.add_(src)`` instead, an in-place update that moves ``3 * nbytes`` (read both, write
-    ``dst``) like an EMA lerp; on CPUs a copy also pays a read-for-ownership of ``dst`` that is not
-    counted, so the in-place probe can read higher. Returns the best (highest) and median
-    bandwidth in bytes per second, and the buffer size used.
+
+def memory_bandwidth(
+    device: str | torch.device, nbytes: int, reps: int = 10, op: str = "add"
+) -> dict[str, Any]:
+    """Best and median bandwidth of an fp32 memory-bound op over ``reps`` calls on ``nbytes``.
+
+    ``op="add"``: ``dst.add_(src, alpha=0.0)`` and ``op="lerp"``: ``dst.lerp_(src, 1e-3)``, the
+    in-place ops whose traffic is an EMA lerp's: read ``src``, read ``dst``, write ``dst``, so
+    ``bytes moved = 3 * nbytes`` per call (``PROBE_TRANSFERS``). ``op="copy"``:
+    ``dst.copy_(src)`` counted as ``2 * nbytes``, for reference only: on CPUs a copy also reads
+    its destination before writing it (write-allocate), a transfer its byte count leaves out, so
+    a floor from it is lower than what an in-place op can reach. ``nbytes`` must be far larger
+    than the last-level cache for the result to be DRAM (HBM) bandwidth. Returns ``op``,
+    ``bytes`` (one buffer), ``moved_per_call``, ``best_bytes_per_s`` and ``median_bytes_per_s``.
     """
-    if op not in ("copy", "add"):
-        raise ValueError(f"op must be 'copy' or 'add', got op={op!r}.")
+    if op not in PROBE_TRANSFERS:
+        raise ValueError(f"op must be one of {sorted(PROBE_TRANSFERS)}, got op={op!r}.")
     n = max(1, nbytes // 4)
     src = torch.empty(n, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch the pages, warm the path
+    calls = {
+        "add": lambda: dst.add_(src, alpha=0.0),  # dst unchanged: no growth, no denormals
+        "lerp": lambda: dst.lerp_(src, 1e-3),
+        "copy": lambda: dst.copy_(src),
+    }
+    fn = calls[op]
+    fn()
     sync(device)
-    if op == "copy":
-        times = [time_calls(lambda: dst.copy_(src), device) for _ in range(reps)]
-        moved = 2 * n * 4
-    else:
-        times = [time_calls(lambda: dst.add_(src, alpha=0.0), device) for _ in range(reps)]
-        moved = 3 * n * 4
-    best_ms = min(times)
-    med_ms = statistics.median(times)
+    times = [time_calls(fn, device) for _ in range(reps)]
+    moved = PROBE_TRANSFERS[op] * n * 4
     return {
         "op": op,
         "bytes": float(n * 4),
-        "best_bytes_per_s": moved / (best_ms / 1e3),
-        "median_bytes_per_s": moved / (med_ms / 1e3),
+        "moved_per_call": float(moved),
+        "best_bytes_per_s": moved / (min(times) / 1e3),
+        "median_bytes_per_s": moved / (statistics.median(times) / 1e3),
     }
+
+
+# ---------------------------------------------------------------- load
+
+
+def _proc_stat_busy_s() -> float | None:
+    """CPU seconds all processes have spent busy since boot (``/proc/stat``; steal included)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal (guest time is already inside user)
+    ticks = [int(x) for x in fields[1:9]]
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    """CPU seconds of this process, its reaped children and its live descendants.
+
+    Descendants count as "own": torch.compile's worker processes are ours, not a foreign load.
+    """
+    total = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        ru = resource.getrusage(who)
+        total += ru.ru_utime + ru.ru_stime
+    hz = os.sysconf("SC_CLK_TCK")
+    parents: dict[int, int] = {}
+    times: dict[int, float] = {}
+    try:
+        entries = list(Path("/proc").iterdir())
+    except OSError:
+        entries = []
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        rest = stat[stat.rindex(")") + 2 :].split()  # fields after "pid (comm)"
+        parents[int(entry.name)] = int(rest[1])
+        times[int(entry.name)] = (int(rest[11]) + int(rest[12])) / hz
+    me = os.getpid()
+    for pid in times:
+        p, seen = pid, 0
+        while p in parents and p != me and seen < 64:
+            p, seen = parents[p], seen + 1
+        if p == me and pid != me:
+            total += times[pid]
+    return total
+
+
+class LoadMonitor:
+    """How many cores other processes kept busy while this one ran (Linux; else ``None``).
+
+    ``(system busy CPU seconds - this process tree's CPU seconds) / wall seconds`` over the
+    stretch between :meth:`start` and :meth:`stop`. Unlike the load average, this leaves out
+    the benchmark's own threads, so it can be compared with a fixed threshold.
+    """
+
+    def __init__(self) -> None:
+        self._t0: float | None = None
+        self._busy0: float | None = None
+        self._own0 = 0.0
+
+    def start(self) -> LoadMonitor:
+        self._busy0 = _proc_stat_busy_s()
+        self._own0 = _own_cpu_s() if self._busy0 is not None else 0.0
+        self._t0 = time.perf_counter()
+        return self
+
+    def stop(self) -> float | None:
+        """Average busy cores of other processes since :meth:`start`."""
+        busy = _proc_stat_busy_s()
+        if busy is None or self._busy0 is None or self._t0 is None:
+            return None
+        wall = time.perf_counter() - self._t0
+        own = _own_cpu_s() - self._own0
+        return max(0.0, (busy - self._busy0 - own) / max(wall, 1e-9))
+
+
+def load_threshold(cores: int | None) -> float:
+    """Busy cores of other processes above which a CPU run counts as loaded: 10% of the
+    cores, at least 0.5 (on 2 cores, half a core: one busy process already makes torch's
+    OpenMP threads wait for each other)."""
+    return max(0.5, 0.1 * (cores or 1))
+
+
+def load_verdict(
+    foreign_cores: Sequence[float | None], threshold: float
+) -> tuple[bool | None, str]:
+    """``(loaded, why)``: loaded when any measured stretch had other processes above
+    ``threshold`` busy cores; ``None`` when nothing could be measured."""
+    seen = [x for x in foreign_cores if x is not None]
+    if not seen:
+        return None, "other processes' CPU use could not be measured (no /proc/stat)"
+    worst = max(seen)
+    if worst > threshold:
+        return True, (
+            f"other processes kept {worst:.2f} cores busy (threshold {threshold:.2f}): "
+            f"timings are skewed and ratios unreliable; rerun on a quiet machine"
+        )
+    return False, f"other processes kept at most {worst:.2f} cores busy (threshold {threshold:.2f})"

@@ -27,10 +27,10 @@ import statistics
 import torch
 from _common import (
     RESULTS_DIR,
-    copy_bandwidth,
     git_commit,
     machine_info,
     markdown_table,
+    memory_bandwidth,
     sync,
     time_calls,
     utc_now,
@@ -88,7 +88,7 @@ def main() -> None:
     sync(device)
 
     n = sum(p.numel() for p in net.parameters())
-    host = copy_bandwidth("cpu", 256 << 20, op="add")["best_bytes_per_s"]
+    host = memory_bandwidth("cpu", 256 << 20, op="add")["best_bytes_per_s"]
     pcie = pcie_bandwidth(256 << 20) if device == "cuda" else None
     rows = [
         {"measure": "update() as the caller sees it", "ms": statistics.median(enqueue)},

@@ -2,7 +2,7 @@
 
 Run from the repository root (``PYTHONPATH=src`` unless polyak is installed):
 
-    PYTHONPATH=src python bench/update_speed.py --device cpu                 # all workloads, < 5 min
+    PYTHONPATH=src python bench/update_speed.py --device cpu --require-quiet # all, about 6 min
     PYTHONPATH=src python bench/update_speed.py --device cuda --train-step   # the GPU run
     PYTHONPATH=src python bench/update_speed.py --device cpu --quick --workloads resnet50 many_tiny
     PYTHONPATH=src python bench/update_speed.py --list                       # workloads and impls
@@ -14,19 +14,32 @@ Peers: ``pip install torch-ema ema-pytorch`` and ``pip install --no-deps timm`` 
 What it does, per workload (``--workloads``; CPU runs use the same tensor counts with fewer elements,
 except ResNet-50, which always runs at full size):
 
-1. builds the model and, for every implementation, an EMA of it (an implementation that cannot be
-   built, or fails on its first update, gets an ``unavailable``/``failed`` row with the reason);
+1. builds the model and, for every implementation, an EMA of it at the same constant decay
+   (``DECAY``; each peer's warm-up switched off as its users would), or an ``unavailable`` /
+   ``failed`` row with the reason;
 2. warms each one up, then checks what each one really tracks: every floating tensor of the model
    is nudged, each implementation updates once, and each of its shadows is classed as averaged,
    copied, not updated or not tracked; the ``tracked`` column and the tensor and element counts of
    a row come from that check, not from what the implementation claims;
-3. times ``update()`` round-robin: each repetition runs every implementation once, in a rotated
-   order, so drift hits all alike; median and IQR over the repetitions, warm-up excluded, and
-   every repetition's time in the JSON, so two rows can be compared round by round;
-4. sets the floor from a ``dst.copy_(src)`` bandwidth probe taken in the same run:
+3. times ``update()`` round-robin: each round runs every implementation once, the same number of
+   calls for all of them, in an order shuffled afresh each round (seeded), so drift and the cache
+   left by the previous implementation hit all alike; median and IQR over the rounds, warm-up
+   excluded, and every round's time (and position) in the JSON, so two rows can be compared
+   round by round;
+4. checks the values: the model is shifted, each implementation updates twice more, and each
+   shadow must match a float64 lerp of its own previous value at ``DECAY`` (to a tolerance set
+   by the shadow dtype); a row that fails, or that tracks another set of tensors than the
+   workload's, is marked and counts in no target;
+5. sets the floor from an in-place bandwidth probe taken in the same run (``dst.add_(src)`` and
+   ``dst.lerp_(src, w)``, 3 transfers each, as a lerp):
    ``floor = (bytes read + bytes written per update) / bandwidth``, with 12 B per element for fp32
    weights and shadows (read weight, read shadow, write shadow), 10 B for bf16 weights with fp32
-   shadows and 6 B for bf16 shadows; copied (integer) tensors count read + write.
+   shadows and 6 B for bf16 shadows; copied (integer) tensors count read + write. A workload
+   small enough to stay in the last-level cache gets its floor marked as not a floor.
+
+The run records the commit and whether the tree had uncommitted changes, the load averages, and
+how many cores other processes kept busy before and during the run; above ``--max-load`` the run
+is marked loaded (``--require-quiet``: refused).
 
 ``--train-step`` (CUDA only) adds the share of a real training step: ViT-B/16, batch 128, 224 px,
 fp32 weights, bf16 autocast, fused AdamW, timed with and without each EMA.
@@ -34,7 +47,7 @@ fp32 weights, bf16 autocast, fused AdamW, timed with and without each EMA.
 Results go to ``bench/results/update_speed_<device>_<date>.json`` (see bench/README.md for the
 schema) and a markdown table, then a "targets" section computed from the rows, go to stdout: each
 target's ratio is paired round by round, with a 95% bootstrap interval and a verdict of met,
-NOT met or within noise.
+NOT met or within noise (or excluded, where a row failed the value check).
 """
 
 from __future__ import annotations
@@ -47,6 +60,7 @@ import importlib.util
 import logging
 import math
 import os
+import random
 import signal
 import sys
 import threading
@@ -60,11 +74,16 @@ from typing import Any
 import torch
 from _common import (
     RESULTS_DIR,
-    copy_bandwidth,
+    LoadMonitor,
+    cache_bytes,
+    fmt_num,
     git_commit,
+    load_threshold,
+    load_verdict,
     machine_info,
     markdown_table,
     median_iqr,
+    memory_bandwidth,
     package_versions,
     paired_ratio,
     sync,
@@ -74,11 +93,18 @@ from _common import (
 )
 from torch import nn
 
-SCHEMA_VERSION = 1
-DECAY = 0.999
+SCHEMA_VERSION = 2
+DECAY = 0.999  # every implementation runs at this constant decay (warm-ups switched off)
 PEER_PACKAGES = ("torch-ema", "ema-pytorch", "timm")
 RAW = "raw_foreach_lerp"
 RAW_LIVE = "live"  # the kernel label of raw _foreach_lerp_ on the nn.Parameters themselves
+RAW_CHUNKED = "chunked"  # bf16 params, fp32 shadows: upcast through a persistent chunked scratch
+# the value check (``verify_values``): updates run towards a model shifted by VERIFY_SHIFT
+VERIFY_STEPS = 2
+VERIFY_SHIFT = 64.0
+# a workload whose bytes touched per update are below this many last-level caches may be served
+# from the cache: its "floor" from a DRAM bandwidth probe is then not a lower bound
+CACHE_RESIDENT_FACTOR = 2
 POLYAK_KERNELS = ("reference", "foreach", "fused", "triton")
 
 # ---------------------------------------------------------------- models
@@ -274,6 +300,12 @@ class Workload:
         total = sum(t.numel() * (t.element_size() + 2 * s) for _, t in self.avg)
         return total + sum(2 * t.numel() * t.element_size() for _, t in self.copy)
 
+    def working_set_bytes(self, shadow_dtype: torch.dtype) -> int:
+        """Distinct bytes one update touches: each weight and its shadow; each copy's ends."""
+        s = torch.empty((), dtype=shadow_dtype).element_size()
+        total = sum(t.numel() * (t.element_size() + s) for _, t in self.avg)
+        return total + sum(2 * t.numel() * t.element_size() for _, t in self.copy)
+
     def summary(self) -> dict[str, Any]:
         params = list(self.model.parameters())
         bufs = list(self.model.buffers())
@@ -291,6 +323,7 @@ class Workload:
             "tracked_tensors": len(self.avg) + len(self.copy),
             "tracked_elements": sum(t.numel() for _, t in self.avg + self.copy),
             "bytes_per_update": self.bytes_per_update(self.shadow_dtype),
+            "working_set_bytes": self.working_set_bytes(self.shadow_dtype),
         }
 
 
@@ -515,17 +548,80 @@ def make_raw(wl: Workload, live: bool = False) -> Impl:
     return Impl(RAW, RAW_LIVE if live else "foreach", update, table.get, note, (shadows, cdst))
 
 
+# bytes of the raw chunked row's fp32 scratch (--raw-chunk-mib; None: a quarter of the device's
+# last-level cache, 1 to 64 MiB), so a chunk is still in cache when the lerp reads it back
+_RAW_CHUNK: dict[str, int | None] = {"bytes": None}
+
+
+def raw_chunk_elements(device: torch.device, dtype: torch.dtype) -> int:
+    """Elements of ``dtype`` in the raw chunked row's scratch on ``device``."""
+    nbytes = _RAW_CHUNK["bytes"]
+    if nbytes is None:
+        cache = cache_bytes(device) or (32 << 20)
+        nbytes = min(64 << 20, max(1 << 20, cache // 4))
+    return max(1, nbytes // dtype.itemsize)
+
+
+def make_raw_chunked(wl: Workload) -> Impl:
+    """bf16 weights into fp32 shadows with no per-update allocation: the weights are upcast a
+    chunk at a time into one persistent fp32 scratch (``_foreach_copy_``), then
+    ``_foreach_lerp_(shadows, scratch views, w)``; a weight larger than a chunk is cut into
+    slices. The plan (which slices go through which part of the scratch) is built once here.
+
+    Bytes from memory per element: read the weight (2) and the shadow (4), write the shadow (4),
+    the scratch staying in cache: the same 10 B floor as a fused upcast.
+    """
+    sd = wl.shadow_dtype
+    chunk = raw_chunk_elements(wl.device, sd)
+    params = [t.detach() for _, t in wl.avg]
+    shadows = [t.to(sd, copy=True) for t in params]
+    scratch = torch.empty(chunk, dtype=sd, device=wl.device)
+    groups: list[tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]] = []
+    src: list[torch.Tensor] = []
+    dst: list[torch.Tensor] = []
+    views: list[torch.Tensor] = []
+    used = 0
+    for p, s in zip(params, shadows, strict=True):
+        flat_p, flat_s = p.view(-1), s.view(-1)
+        for start in range(0, flat_p.numel(), chunk):
+            n = min(chunk, flat_p.numel() - start)
+            if used + n > chunk:
+                groups.append((src, dst, views))
+                src, dst, views, used = [], [], [], 0
+            src.append(flat_p[start : start + n])
+            dst.append(flat_s[start : start + n])
+            views.append(scratch[used : used + n])
+            used += n
+    if src:
+        groups.append((src, dst, views))
+    w = 1.0 - DECAY
+
+    def update() -> None:
+        for g_src, g_dst, g_views in groups:
+            torch._foreach_copy_(g_views, g_src)
+            torch._foreach_lerp_(g_dst, g_views, w)
+
+    table = dict(zip([n for n, _ in wl.avg], shadows, strict=True))
+    mib = chunk * sd.itemsize / 2**20
+    note = (
+        f"_foreach_copy_ into a persistent {mib:g} MiB {_short(sd)} scratch, then "
+        f"_foreach_lerp_(shadows, scratch, w): {len(groups)} chunks"
+    )
+    return Impl(RAW, RAW_CHUNKED, update, table.get, note, (shadows, scratch, groups))
+
+
 def make_torch_ema(wl: Workload) -> Impl:
     try:
         from torch_ema import ExponentialMovingAverage
     except ImportError as e:
         raise Unavailable(f"torch_ema not installed ({e}): pip install torch-ema") from e
-    # torch_ema's arithmetic cannot average integer buffers: hand it the floating tensors only
-    ema = ExponentialMovingAverage([t for _, t in wl.avg], decay=DECAY)
-    note = ""
+    # torch_ema's arithmetic cannot average integer buffers: hand it the floating tensors only;
+    # use_num_updates=False: its default warms the decay up as min(d, (1 + n) / (10 + n))
+    ema = ExponentialMovingAverage([t for _, t in wl.avg], decay=DECAY, use_num_updates=False)
+    note = "use_num_updates=False"
     if _mixed(wl):
         ema.shadow_params = [s.to(wl.shadow_dtype) for s in ema.shadow_params]
-        note = "shadows cast to fp32 after construction (torch_ema clones in the weights' dtype)"
+        note += "; shadows cast to fp32 after construction (it clones in the weights' dtype)"
     table = dict(zip([n for n, _ in wl.avg], ema.shadow_params, strict=True))
     return Impl("torch_ema", "loop", ema.update, table.get, note, ema)
 
@@ -536,14 +632,17 @@ def make_ema_pytorch(foreach: bool) -> Callable[[Workload], Impl]:
             from ema_pytorch import EMA
         except ImportError as e:
             raise Unavailable(f"ema_pytorch not installed ({e}): pip install ema-pytorch") from e
+        # its decay is clamp(1 - (1 + t / inv_gamma) ** -power, min_value, beta) for step t > 0:
+        # min_value=beta makes it the constant beta from its second update on (the first copies)
         kw: dict[str, Any] = dict(
             beta=DECAY,
+            min_value=DECAY,
             update_after_step=0,
             update_every=1,
             use_foreach=foreach,
             include_online_model=False,
         )
-        note = "update_after_step=0, update_every=1"
+        note = "min_value=beta (constant decay), update_after_step=0, update_every=1"
         if not wl.buffers:
             kw["ignore_names"] = {n for n, _ in wl.model.named_buffers()}
             if kw["ignore_names"]:
@@ -625,9 +724,12 @@ def make_timm_v2(wl: Workload) -> Impl:
 
 def make_timm_v3(wl: Workload) -> Impl:
     mod = load_timm_model_ema(_TIMM.get("path"))
-    kw: dict[str, Any] = dict(decay=DECAY, foreach=True, exclude_buffers=not wl.buffers)
+    # use_warmup=False (its default): a constant decay from step 2 on (step 1 copies)
+    kw: dict[str, Any] = dict(
+        decay=DECAY, use_warmup=False, foreach=True, exclude_buffers=not wl.buffers
+    )
     kernel = "foreach"
-    note = "update(model, step=n)"
+    note = "use_warmup=False, update(model, step=n)"
     if _mixed(wl):
         kw["dtype"] = wl.shadow_dtype
         note += ", dtype=float32"
@@ -706,6 +808,7 @@ SPECS: list[Spec] = [
         lambda wl: _bf16_shadows(wl) and _triton_here(wl),
     ),
     Spec(RAW, "foreach", make_raw),
+    Spec(RAW, RAW_CHUNKED, make_raw_chunked, _mixed),
     Spec("torch_ema", "loop", make_torch_ema),
     Spec("ema_pytorch", "loop", make_ema_pytorch(False)),
     Spec("ema_pytorch", "foreach", make_ema_pytorch(True)),
@@ -781,6 +884,7 @@ def observe_tracking(wl: Workload, impls: list[Impl]) -> dict[int, dict[str, Any
     result: dict[int, dict[str, Any]] = {}
     for impl in impls:
         counts: dict[tuple[str, str], int] = {}
+        states: dict[str, str] = {}
         n_tensors = n_elements = 0
         dtypes: set[torch.dtype] = set()
         for kind, n, t in kinds:
@@ -797,6 +901,7 @@ def observe_tracking(wl: Workload, impls: list[Impl]) -> dict[int, dict[str, Any
                     state = "averaged"
                 else:
                     state = "not updated"
+            states[n] = state
             if state in ("averaged", "copied"):
                 n_tensors += 1
                 n_elements += t.numel()
@@ -808,8 +913,172 @@ def observe_tracking(wl: Workload, impls: list[Impl]) -> dict[int, dict[str, Any
             "n_tensors": n_tensors,
             "n_elements": n_elements,
             "shadow_dtype": dtypes.pop() if len(dtypes) == 1 else None,
+            "states": states,
         }
     return result
+
+
+def compare_tracked_set(wl: Workload, states: dict[str, str]) -> tuple[bool, str]:
+    """Does an implementation track the workload's set: its averaged tensors averaged, its
+    copied (integer) tensors copied, and nothing else updated? ``(same, what differs)``.
+
+    ``states`` maps each model tensor's name to what :func:`observe_tracking` saw (averaged,
+    copied, not updated, untracked); a tensor outside the workload's set that is left alone
+    (not updated or untracked) counts as not tracked.
+    """
+    want = {n: "averaged" for n, _ in wl.avg} | {n: "copied" for n, _ in wl.copy}
+    kinds = {n: kind for kind, n, _ in _tensor_kinds(wl)}
+    words = {"param": "params", "fbuf": "float bufs", "ibuf": "int bufs"}
+    diffs: dict[tuple[str, str, str], int] = {}
+    for name, got in states.items():
+        expected = want.get(name, "not tracked")
+        if got in ("not updated", "untracked"):
+            got = "not tracked"
+        if got != expected:
+            key = (words[kinds[name]], got, expected)
+            diffs[key] = diffs.get(key, 0) + 1
+    if not diffs:
+        return True, ""
+    return False, "; ".join(
+        f"{c} {kind} {got} (workload: {expected})" for (kind, got, expected), c in diffs.items()
+    )
+
+
+def value_tolerance(
+    s0_absmax: float, p_absmax: float, w: float, steps: int, dtype: torch.dtype
+) -> float:
+    """Largest error an exact-decay lerp in ``dtype`` can have after ``steps`` updates.
+
+    One update computes ``s + w (p - s)`` (or ``d s + w p``, or ``s - w (s - p)``) with at most
+    three roundings to ``dtype``, each off by at most half an ulp (stochastic rounding: one ulp)
+    of a value no larger than ``|s| + w (|p| + |s|)``, and ``ulp(x) <= eps |x|``: at most
+    ``2 eps (S + w (P + S))`` per update, with ``P = max|p|`` and ``S`` bounding every ``|s|``
+    on the way (``s`` moves from ``s0`` towards ``p`` by ``1 - d**steps`` of the distance, so
+    ``S = |s0| + (1 - d**steps)(|s0| + P)``). Plus the decay itself held in fp32 (ATen's opmath
+    for a Python-float weight; ema-pytorch computes its decay as an fp32 tensor): ``1 - decay``
+    off by up to ``2**-24`` moves ``s`` by up to ``2**-24 (P + S)``. An earlier update's error
+    shrinks by ``d < 1``, so ``steps`` updates add up to at most ``steps`` times the sum, plus
+    the smallest normal number per update for values near zero. The maxima are per tensor.
+    """
+    info = torch.finfo(dtype)
+    c = 1.0 - (1.0 - w) ** steps
+    most = s0_absmax + c * (s0_absmax + p_absmax)
+    spread = p_absmax + most
+    return steps * (2 * info.eps * (most + w * spread) + 2.0**-24 * spread + info.tiny)
+
+
+def max_abs_error(s: torch.Tensor, s0: torch.Tensor, p: torch.Tensor, c: float) -> float:
+    """``max |s - r|`` in float64 with ``r = s0 + c (p - s0)``, a slice at a time (small float64
+    temporaries, reused from the cache); ``inf`` when anything is NaN."""
+    fs, f0, fp = s.detach().reshape(-1), s0.reshape(-1), p.detach().reshape(-1)
+    step = 1 << (24 if s.device.type == "cuda" else 18)
+    worst = torch.zeros((), dtype=torch.float64, device=s.device)
+    for i in range(0, fs.numel(), step):
+        ref = f0[i : i + step].double()
+        ref.add_(fp[i : i + step].double() - ref, alpha=c)
+        worst = torch.maximum(worst, ref.sub_(fs[i : i + step].double()).abs_().max())
+    return float(torch.nan_to_num(worst, nan=math.inf))
+
+
+@torch.no_grad()
+def verify_values(
+    wl: Workload, impls: list[Impl], steps: int = VERIFY_STEPS
+) -> dict[int, dict[str, Any]]:
+    """Check each implementation's arithmetic against a float64 lerp of its own shadows.
+
+    The model is moved once: every averaged tensor by ``+VERIFY_SHIFT``, every copied (integer)
+    tensor by ``+7``; then, for each implementation, its shadows ``s0`` are read, it updates
+    ``steps`` times, and each shadow must match the float64 reference of ``steps`` lerps at
+    the constant ``DECAY``, ``r = s0 + (1 - DECAY**steps) (p - s0)``, to within
+    :func:`value_tolerance`; each copy must equal the model's tensor exactly. A shift of 64
+    moves a shadow by about 0.064 per update, far more than a bf16 ulp of it, so a different
+    decay shows: ``1 - decay`` off by 6% of itself fails in bf16, by 1e-4 of itself in fp32.
+    Run last: the model stays shifted.
+
+    Returns, per implementation (by ``id``): ``ok``, ``steps``, ``max_err_over_tol`` (the
+    worst ``max|s - r| / tol`` of a tensor), ``worst`` (that tensor), ``missing`` (averaged
+    or copied tensors without a shadow), ``copies_wrong`` and ``error`` (an update raised).
+    """
+    w = 1.0 - DECAY
+    c = 1.0 - DECAY**steps
+    for _, t in wl.avg:
+        t.add_(VERIFY_SHIFT)
+    for _, t in wl.copy:
+        t.add_(7)
+    sync(wl.device)
+    p_absmax = {n: float(t.detach().abs().max()) for n, t in wl.avg}
+    # one snapshot buffer per shadow dtype, reused by every implementation
+    total = sum(t.numel() for _, t in wl.avg)
+    snaps: dict[torch.dtype, torch.Tensor] = {}
+    out: dict[int, dict[str, Any]] = {}
+    for impl in impls:
+        res: dict[str, Any] = {
+            "ok": False,
+            "steps": steps,
+            "max_err_over_tol": None,
+            "worst": None,
+            "missing": [],
+            "copies_wrong": [],
+            "error": None,
+        }
+        out[id(impl)] = res
+        try:
+            before: dict[str, torch.Tensor | None] = {}
+            offset = 0
+            for n, t in wl.avg:
+                s = impl.shadow_of(n)
+                before[n] = None
+                if s is not None:
+                    if s.dtype not in snaps:
+                        snaps[s.dtype] = torch.empty(total, dtype=s.dtype, device=wl.device)
+                    view = snaps[s.dtype][offset : offset + s.numel()].view(s.shape)
+                    before[n] = view.copy_(s.detach())
+                offset += t.numel()
+            for _ in range(steps):
+                impl.update()
+            sync(wl.device)
+        except Exception as e:
+            res["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+            continue
+        worst, worst_name = -1.0, None
+        for n, p in wl.avg:
+            s, s0 = impl.shadow_of(n), before.pop(n)
+            if s is None or s0 is None or s.shape != p.shape:
+                res["missing"].append(n)
+                continue
+            err = max_abs_error(s, s0, p, c)
+            tol = value_tolerance(float(s0.abs().max()), p_absmax[n], w, steps, s.dtype)
+            if err / tol > worst:
+                worst, worst_name = err / tol, n
+        for n, p in wl.copy:
+            s = impl.shadow_of(n)
+            if s is None:
+                res["missing"].append(n)
+            elif s.shape != p.shape or not torch.equal(s.detach().to(p.dtype), p.detach()):
+                res["copies_wrong"].append(n)
+        res["max_err_over_tol"] = max(worst, 0.0) if worst_name else None
+        res["worst"] = worst_name
+        res["ok"] = 0.0 <= worst <= 1.0 and not res["missing"] and not res["copies_wrong"]
+    return out
+
+
+def check_summary(check: dict[str, Any] | None, same_set: bool | None, set_diff: str) -> str:
+    """The table's ``check`` cell: ``ok``, or what failed."""
+    if check is None:
+        return "-"
+    parts = []
+    if check.get("error"):
+        parts.append(f"check raised {check['error']}")
+    if check.get("missing"):
+        parts.append(f"{len(check['missing'])} tensors not tracked")
+    if check.get("copies_wrong"):
+        parts.append(f"{len(check['copies_wrong'])} copies wrong")
+    r = check.get("max_err_over_tol")
+    if r is not None and r > 1.0:
+        parts.append(f"values off by {r:.3g}x the tolerance ({check['worst']})")
+    if same_set is False:
+        parts.append(f"other set: {set_diff}")
+    return "; ".join(parts) if parts else "ok"
 
 
 def _describe(counts: dict[tuple[str, str], int]) -> str:
@@ -920,6 +1189,12 @@ def _row(wl: Workload, spec: Spec, **kw: Any) -> dict[str, Any]:
         "n_tensors": None,
         "n_elements": None,
         "tracked": None,
+        "same_set": None,
+        "set_diff": "",
+        "check": None,
+        "check_summary": "-",
+        "eligible": False,
+        "excluded_why": "not timed",
         "ms_median": None,
         "ms_iqr": None,
         "x_floor": None,
@@ -931,6 +1206,7 @@ def _row(wl: Workload, spec: Spec, **kw: Any) -> dict[str, Any]:
         "reps": 0,
         "inner": 0,
         "samples_ms": [],
+        "positions": [],
         "first_update_s": None,
     }
     row.update(kw)
@@ -941,6 +1217,28 @@ def _dtype_label(param: torch.dtype, shadow: torch.dtype | None) -> str:
     if shadow is None or shadow == param:
         return _short(param)
     return f"{_short(param)}/{_short(shadow)}"
+
+
+def round_orders(n: int, rounds: int, seed: str) -> list[list[int]]:
+    """The order of ``n`` implementations in each of ``rounds`` rounds: a fresh shuffle per
+    round from ``random.Random(seed)`` (reproducible), so no implementation always runs behind
+    the same one, or first."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(rounds):
+        order = list(range(n))
+        rng.shuffle(order)
+        orders.append(order)
+    return orders
+
+
+def calls_per_rep(times_ms: list[float], min_rep_ms: float, max_inner: int) -> int:
+    """Calls per timed repetition, the same for every implementation of a workload: enough
+    for the fastest one's repetition to last ``min_rep_ms``, at most ``max_inner``. With the
+    same count, a repetition's first call (the one that finds the caches holding the previous
+    implementation's data) weighs the same in every row."""
+    fastest = min(times_ms) if times_ms else min_rep_ms
+    return max(1, min(max_inner, math.ceil(min_rep_ms / max(fastest, 1e-3))))
 
 
 def bench_workload(
@@ -973,10 +1271,10 @@ def bench_workload(
         live.append((spec, impl))
     phases["build"] = time.perf_counter() - t0
 
-    # warm-up (at least 3 updates, so warm-up schedules and lazy init are past), and the size of
-    # each timed repetition: enough back-to-back calls to fill min_rep_ms
+    # warm-up (at least 3 updates, so lazy init and first-update copies are past)
     ok: list[tuple[Spec, Impl]] = []
     slow: list[tuple[Spec, Impl, float]] = []
+    warm_ms: list[float] = []
     for spec, impl in live:
         tw = time.perf_counter()
         try:
@@ -989,24 +1287,34 @@ def bench_workload(
             if t > args.max_update_ms:
                 slow.append((spec, impl, t))
                 continue
-        impl.inner = max(1, min(args.max_inner, math.ceil(args.min_rep_ms / max(t, 1e-3))))
+        warm_ms.append(t)
         ok.append((spec, impl))
     live = ok
+    inner = calls_per_rep(warm_ms, args.min_rep_ms, args.max_inner)
+    for _, impl in live:
+        impl.inner = inner
     phases["warmup"] = time.perf_counter() - t0 - phases["build"]
 
-    seen = {}
+    checked = [impl for _, impl in live] + [i for _, i, _ in slow]
     t1 = time.perf_counter()
-    if (live or slow) and not args.no_check:
-        seen = observe_tracking(wl, [impl for _, impl in live] + [i for _, i, _ in slow])
+    seen = observe_tracking(wl, checked) if checked else {}
     phases["check"] = time.perf_counter() - t1
 
+    # round-robin: every round runs each implementation once (``inner`` calls), in a shuffled
+    # order; sample r of every row comes from round r, so rows can be compared round by round
     t1 = time.perf_counter()
     samples: dict[int, list[float]] = {id(impl): [] for _, impl in live}
-    for r in range(args.reps):
-        k = r % len(live) if live else 0
-        for _, impl in live[k:] + live[:k]:
+    positions: dict[int, list[int]] = {id(impl): [] for _, impl in live}
+    for order in round_orders(len(live), args.reps, f"{args.seed}:{wl.name}"):
+        for pos, i in enumerate(order):
+            impl = live[i][1]
             samples[id(impl)].append(time_calls(impl.update, device, impl.inner))
+            positions[id(impl)].append(pos)
     phases["timed"] = time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    values = verify_values(wl, checked) if checked else {}
+    phases["verify"] = time.perf_counter() - t1
     print(
         f"  {wl.name}: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()),
         file=sys.stderr,
@@ -1014,6 +1322,7 @@ def bench_workload(
 
     for _, impl, t in slow:
         samples[id(impl)] = [t]
+        positions[id(impl)] = []
         impl.note = (
             f"{impl.note}; " if impl.note else ""
         ) + f"slow: over --max-update-ms {args.max_update_ms:g}, timed once, not round-robin"
@@ -1023,6 +1332,13 @@ def bench_workload(
         sdt = info.get("shadow_dtype") or wl.shadow_dtype
         nbytes = wl.bytes_per_update(sdt)
         floor_ms = nbytes / bandwidth * 1e3
+        check = values.get(id(impl))
+        same_set, set_diff = compare_tracked_set(wl, info.get("states", {}))
+        why = []
+        if not (check and check["ok"]):
+            why.append("values differ from the float64 reference lerp")
+        if not same_set:
+            why.append(f"tracks another set ({set_diff})")
         rows.append(
             _row(
                 wl,
@@ -1031,7 +1347,13 @@ def bench_workload(
                 dtype=_dtype_label(wl.param_dtype, sdt),
                 n_tensors=info.get("n_tensors"),
                 n_elements=info.get("n_elements"),
-                tracked=info.get("tracked", "not checked (--no-check)"),
+                tracked=info.get("tracked"),
+                same_set=same_set,
+                set_diff=set_diff,
+                check=check,
+                check_summary=check_summary(check, same_set, set_diff),
+                eligible=not why,
+                excluded_why="; ".join(why),
                 ms_median=med,
                 ms_iqr=iqr,
                 floor_ms=floor_ms,
@@ -1043,10 +1365,15 @@ def bench_workload(
                 first_update_s=round(impl.first_update_s, 3),
                 # per repetition, in round order: sample r of every row was taken in round r
                 samples_ms=[round(t, 5) for t in samples[id(impl)]],
+                positions=positions[id(impl)],
                 status="slow" if any(impl is i for _, i, _ in slow) else "ok",
             )
         )
-    peers = [r["ms_median"] for r in rows if r["ms_median"] is not None and is_peer(r["impl"])]
+    peers = [
+        r["ms_median"]
+        for r in rows
+        if r["ms_median"] is not None and is_peer(r["impl"]) and r["eligible"]
+    ]
     best = min(peers) if peers else None
     for r in rows:
         if best and r["ms_median"] is not None:
@@ -1100,9 +1427,8 @@ def train_step_bench(specs: list[Spec], args: argparse.Namespace) -> dict[str, A
             fn()
     sync(device)
     samples: list[list[float]] = [[] for _ in configs]
-    for r in range(args.train_reps):
-        k = r % len(configs)
-        for i in list(range(k, len(configs))) + list(range(k)):
+    for order in round_orders(len(configs), args.train_reps, f"{args.seed}:train_step"):
+        for i in order:
             # wall clock around a device-wide synchronize: a side-stream update is counted too
             samples[i].append(
                 time_calls(configs[i][2], device, args.train_steps_per_rep, wall=True)
@@ -1146,6 +1472,7 @@ TABLE = [
     ("n_tensors", "tensors"),
     ("n_elements", "elements"),
     ("tracked", "tracked"),
+    ("check_summary", "check"),
     ("ms_median", "ms"),
     ("ms_iqr", "IQR"),
     ("x_floor", "x floor"),
@@ -1166,19 +1493,35 @@ def render_table(result: dict[str, Any]) -> str:
             "workload": w["name"],
             "arch": w["arch"],
             "bytes": w["bytes_per_update"],
-            "floor_ms": w["floor_ms"],
+            "floor_ms": w["floor_ms"]
+            if w.get("floor_is_bound", True)
+            else f"{fmt_num(w['floor_ms'])} (fits in cache: not a floor)",
+            "inner": w.get("inner"),
             "auto": w.get("polyak_auto_kernel"),
         }
         for w in result["workloads"]
     ]
     bw = result["bandwidth"]
+    copy_bw = bw.get("copy_best_bytes_per_s")
     head = (
-        f"copy bandwidth (best of {bw['probes']} probes of {bw['bytes'] / 2**20:.0f} MiB "
-        f"dst.copy_(src), read + write): {bw['best_bytes_per_s'] / 1e9:.1f} GB/s; "
-        f"in-place dst.add_(src) probe, for reference: "
-        f"{bw['inplace_add_best_bytes_per_s'] / 1e9:.1f} GB/s"
+        f"in-place bandwidth (best of {bw['probes']} probes of {bw['bytes'] / 2**20:.0f} MiB "
+        f"fp32, dst.add_(src) and dst.lerp_(src, w): read 2 + write 1, as a lerp): "
+        f"{bw['best_bytes_per_s'] / 1e9:.1f} GB/s"
+        + (
+            f"; dst.copy_(src) counted as read + write, for reference only: "
+            f"{copy_bw / 1e9:.1f} GB/s"
+            if copy_bw
+            else ""
+        )
     )
-    parts = [
+    load = result.get("load") or {}
+    parts = []
+    if load.get("loaded"):
+        parts += [f"**LOADED RUN: {load['why']}**", ""]
+    git = result.get("polyak") or {}
+    if git.get("tree_dirty"):
+        parts += [f"uncommitted changes: {', '.join(git.get('dirty_files') or [])}", ""]
+    parts += [
         head,
         "",
         markdown_table(
@@ -1188,6 +1531,7 @@ def render_table(result: dict[str, Any]) -> str:
                 ("arch", "model"),
                 ("bytes", "bytes/update"),
                 ("floor_ms", "floor ms"),
+                ("inner", "calls/rep"),
                 ("auto", "polyak auto kernel"),
             ],
         ),
@@ -1223,6 +1567,14 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     verdict is ``met`` when the whole interval is within the limit, ``NOT met`` when it is all
     beyond it, and ``within noise`` when the limit falls inside it (then ``met`` is the point
     estimate's side: a rerun may flip it).
+
+    Only rows that passed the value check and track the workload's set (``eligible``) count:
+    a peer that does not is no candidate for "fastest peer", a reference row that does not
+    leaves its target ``excluded``, and so does a polyak row of its own. A floor target on a
+    workload small enough to stay in the cache (``floor_is_bound`` false) is ``not a floor``.
+    The reference for "polyak <= 1.05x raw" is the raw row with the same inputs as polyak: on
+    bf16 weights with fp32 shadows, the chunked upcast (``raw_foreach_lerp/chunked``), not the
+    naive one that allocates an fp32 copy of the weights at every update.
     """
     rows = [r for r in result["rows"] if r["ms_median"] is not None]
     device = result["settings"]["device"]
@@ -1233,33 +1585,58 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     def samples(row: dict[str, Any]) -> list[float]:
         return row.get("samples_ms") or [row["ms_median"]]
 
-    def add(target: str, row: dict[str, Any], ref: dict[str, Any] | float, limit: float) -> None:
-        a = samples(row)
-        b = [ref] * len(a) if isinstance(ref, float) else samples(ref)
-        ratio, lo, hi = paired_ratio(a, b)
-        verdict = "met" if hi <= limit else "NOT met" if lo > limit else "within noise"
+    def entry(target: str, row: dict[str, Any], limit: float, **kw: Any) -> None:
         out.append(
             {
                 "target": target,
                 "workload": row["workload"],
                 "kernel": row["kernel"],
                 "auto": row["kernel"] == auto.get(row["workload"]),
-                "ratio": ratio,
-                "ci95": [lo, hi],
+                "ratio": None,
+                "ci95": None,
                 "limit": limit,
-                "met": ratio <= limit,
-                "verdict": verdict,
+                "met": None,
+                **kw,
             }
         )
+
+    def add(
+        target: str, row: dict[str, Any], ref: dict[str, Any] | float | None, limit: float
+    ) -> None:
+        why = []
+        if not row.get("eligible"):
+            why.append(f"polyak/{row['kernel']}: {row.get('excluded_why') or 'not checked'}")
+        if ref is None:
+            why.append("no eligible reference row")
+        elif isinstance(ref, dict) and not ref.get("eligible"):
+            why.append(
+                f"reference {ref['impl']}/{ref['kernel']}: "
+                f"{ref.get('excluded_why') or 'not checked'}"
+            )
+        elif isinstance(ref, float) and row.get("floor_is_bound") is False:
+            why.append("the workload fits in the cache: the DRAM floor is not a floor here")
+        if why:
+            verdict = "not a floor" if "not a floor" in why[-1] else "excluded"
+            entry(target, row, limit, verdict=verdict, why="; ".join(why))
+            return
+        assert ref is not None
+        a = samples(row)
+        b = [ref] * len(a) if isinstance(ref, float) else samples(ref)
+        ratio, lo, hi = paired_ratio(a, b)
+        verdict = "met" if hi <= limit else "NOT met" if lo > limit else "within noise"
+        entry(target, row, limit, ratio=ratio, ci95=[lo, hi], met=ratio <= limit, verdict=verdict)
 
     by_wl: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
         by_wl.setdefault(r["workload"], []).append(r)
     for name, group in by_wl.items():
-        raw = next((r for r in group if r["impl"] == RAW and r["kernel"] == "foreach"), None)
-        live = next((r for r in group if r["impl"] == RAW and r["kernel"] == RAW_LIVE), None)
+        raw_rows = {r["kernel"]: r for r in group if r["impl"] == RAW}
+        mixed = any("/" in (r.get("dtype") or "") for r in group)  # e.g. "bf16/fp32"
+        raw = raw_rows.get(RAW_CHUNKED if mixed else "foreach")
+        live = raw_rows.get(RAW_LIVE)
         peers = [r for r in group if is_peer(r["impl"])]
-        best = min(peers, key=lambda r: r["ms_median"]) if peers else None
+        eligible_peers = [r for r in peers if r.get("eligible")]
+        best = min(eligible_peers, key=lambda r: r["ms_median"]) if eligible_peers else None
         # the non-reference kernels that round to nearest (stochastic rounding does more work
         # than raw lerp; it has a floor target of its own)
         fast = [
@@ -1272,7 +1649,9 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         rounded = [r for r in group if r["impl"] == "polyak" and r["kernel"].endswith("+SR")]
         if device == "cpu":
             for r in fast:
-                if raw:
+                if raw and mixed:
+                    add("polyak <= 1.05x raw _foreach_lerp_ (chunked fp32 upcast)", r, raw, 1.05)
+                elif raw:
                     add("polyak <= 1.05x raw _foreach_lerp_", r, raw, 1.05)
                 if live:  # ours, not the issue's: the same inputs as polyak reads
                     add(
@@ -1281,7 +1660,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                         live,
                         1.05,
                     )
-                if name.startswith("resnet50") and best:
+                if name.startswith("resnet50") and peers:
                     add("polyak <= 0.8x fastest peer (ResNet-50)", r, best, 0.8)
                 if name == "bf16":
                     add("bf16 params, fp32 shadows <= 1.2x 10 B/elem floor", r, r["floor_ms"], 1.2)
@@ -1318,24 +1697,32 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def render_targets(targets: list[dict[str, Any]], device: str) -> str:
-    lines = [
-        f"## targets ({device})",
+def render_targets(
+    targets: list[dict[str, Any]], device: str, load: dict[str, Any] | None = None
+) -> str:
+    lines = [f"## targets ({device})"]
+    if load and load.get("loaded"):
+        lines.append(f"**LOADED RUN: {load['why']}**")
+    lines.append(
         "(auto) marks the kernel polyak picks by default for that workload; each ratio is the "
         "median of per-round ratios, [95% bootstrap interval]; 'within noise': the limit lies "
-        "inside the interval",
-    ]
+        "inside the interval; only rows that passed the value check and track the workload's "
+        "tensors count"
+    )
     if not targets:
         lines.append("- no polyak rows to check")
     for t in targets:
+        head = (
+            f"- [{t['verdict']}] {t['target']}: {t['workload']} polyak/{t['kernel']}"
+            f"{' (auto)' if t.get('auto') else ''}"
+        )
+        if t.get("ratio") is None:
+            lines.append(f"{head}: {t.get('why', '')}")
+            continue
         ci = t.get("ci95")
         spread = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci and ci[0] != ci[1] else ""
         unit = t.get("unit", "x")
-        lines.append(
-            f"- [{t['verdict']}] {t['target']}: {t['workload']} polyak/{t['kernel']}"
-            f"{' (auto)' if t.get('auto') else ''} "
-            f"= {t['ratio']:.3f}{unit}{spread} (limit {t['limit']}{unit})"
-        )
+        lines.append(f"{head} = {t['ratio']:.3f}{unit}{spread} (limit {t['limit']}{unit})")
     return "\n".join(lines)
 
 
@@ -1386,7 +1773,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="an update slower than this is timed once, outside the round-robin (cpu 3000, cuda 1000)",
     )
-    p.add_argument("--no-check", action="store_true", help="skip the tracked-tensors check")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the per-round shuffled order (default 0)"
+    )
+    p.add_argument(
+        "--raw-chunk-mib",
+        type=float,
+        default=None,
+        help="fp32 scratch of the raw chunked row (bf16 weights, fp32 shadows), MiB "
+        "(default: a quarter of the last-level cache, 1 to 64 MiB)",
+    )
+    p.add_argument(
+        "--max-load",
+        type=float,
+        default=None,
+        help="busy cores of other processes above which the run is marked loaded "
+        "(default: 10%% of the cores, at least 0.5)",
+    )
+    p.add_argument(
+        "--require-quiet",
+        action="store_true",
+        help="refuse to start when other processes are above --max-load (measured over 2 s)",
+    )
     p.add_argument("--timm-file", default=None, help="path to timm/utils/model_ema.py")
     p.add_argument("--train-step", action="store_true", help="also time ViT-B/16 steps (cuda)")
     p.add_argument("--train-batch", type=int, default=128)
@@ -1410,6 +1818,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_update_ms = 1000.0 if cuda else 3000.0
     if args.min_rep_ms is None:
         args.min_rep_ms = 5.0 if cuda else 20.0
+    if args.max_load is None:
+        args.max_load = load_threshold(os.cpu_count())
+    if args.raw_chunk_mib is not None and args.raw_chunk_mib <= 0:
+        p.error(f"--raw-chunk-mib must be positive, got {args.raw_chunk_mib}")
     if args.train_step and not cuda:
         p.error("--train-step needs --device cuda (a GPU training step)")
     if cuda and not torch.cuda.is_available():
@@ -1435,20 +1847,35 @@ def select_specs(patterns: list[str] | None) -> list[Spec]:
 
 
 def _apply_floors(rows: list[dict[str, Any]], workloads: list[dict[str, Any]], bw: float) -> None:
-    """Floors (and x floor) from the best bandwidth seen so far."""
+    """Floors (and x floor) from the best in-place bandwidth seen so far; a workload that fits
+    in the cache keeps its number but is marked ``floor_is_bound: false``."""
+    bound = {w["name"]: w.get("floor_is_bound", True) for w in workloads}
     for r in rows:
         if r["bytes_per_update"] is not None:
             r["floor_ms"] = r["bytes_per_update"] / bw * 1e3
             r["x_floor"] = r["ms_median"] / r["floor_ms"]
+            r["floor_is_bound"] = bound.get(r["workload"], True)
     for w in workloads:
         w["floor_ms"] = w["bytes_per_update"] / bw * 1e3
+
+
+def floor_is_bound(working_set: int, cache: int | None) -> bool:
+    """A DRAM-bandwidth floor bounds an update only when its data cannot stay in the cache:
+    more than ``CACHE_RESIDENT_FACTOR`` last-level caches of distinct bytes (unknown cache:
+    assumed so)."""
+    return cache is None or working_set > CACHE_RESIDENT_FACTOR * cache
+
+
+def probe_bandwidth(device: str, nbytes: int) -> list[dict[str, Any]]:
+    """The in-place probes whose traffic is a lerp's (``add``, ``lerp``), 10 calls each."""
+    return [memory_bandwidth(device, nbytes, reps=10, op=op) for op in ("add", "lerp")]
 
 
 def assemble(
     args: argparse.Namespace,
     run: dict[str, Any],
     probes: list[dict[str, Any]],
-    inplace: dict[str, Any] | None,
+    copy_probe: dict[str, Any] | None,
     workloads: list[dict[str, Any]],
     rows: list[dict[str, Any]],
     train: dict[str, Any] | None,
@@ -1458,6 +1885,8 @@ def assemble(
     """The result document; ``complete`` is false for the copies written after each workload."""
     bw = max(p["best_bytes_per_s"] for p in probes)
     _apply_floors(rows, workloads, bw)
+    foreign = run["monitor"].stop()
+    loaded, why = load_verdict([run["foreign_start"], foreign], args.max_load)
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "benchmark": "update_speed",
@@ -1466,37 +1895,62 @@ def assemble(
         **run["meta"],
         "timm_ema_source": _TIMM.get("info") or _TIMM.get("error"),
         "decay": DECAY,
+        "decay_note": "constant for every implementation (warm-ups off); checked per row",
         "settings": {
             "device": args.device,
             "reps": args.reps,
             "warmup": args.warmup,
             "threads": torch.get_num_threads(),
             "min_rep_ms": args.min_rep_ms,
+            "max_inner": args.max_inner,
+            "seed": args.seed,
+            "verify_steps": VERIFY_STEPS,
+            "verify_shift": VERIFY_SHIFT,
             "compile_budget_s": args.compile_budget_s,
             "cpu_fused": args.cpu_fused,
+            "raw_chunk_mib": args.raw_chunk_mib,
             "inductor_cache_dir": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
             "max_update_ms": args.max_update_ms,
+            "max_load": args.max_load,
             "quick": args.quick,
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         },
         "bandwidth": {
-            "method": "best of dst.copy_(src) fp32, bytes moved = read + write",
+            "method": "best of the in-place fp32 probes dst.add_(src, alpha=0) and "
+            "dst.lerp_(src, 1e-3); bytes moved = read src + read dst + write dst",
             "bytes": probes[0]["bytes"],
-            "probes": sum(10 for _ in probes),
+            "probes": 10 * len(probes),
             "best_bytes_per_s": bw,
             "runs": probes,
-            "inplace_add_best_bytes_per_s": inplace["best_bytes_per_s"] if inplace else None,
-            "inplace_add_note": "dst.add_(src), 3 transfers; informational, not used for floors",
+            "cache_bytes": cache_bytes(args.device),
+            "copy_best_bytes_per_s": copy_probe["best_bytes_per_s"] if copy_probe else None,
+            "copy_note": "dst.copy_(src) counted as read + write; a CPU also reads dst before "
+            "writing it (write-allocate), so this reads low; informational, not used for floors",
         },
         "workloads": workloads,
         "rows": rows,
         "train_step": train,
         "elapsed_s": round(time.perf_counter() - run["t_start"], 1),
-        # 1/5/15-minute load averages before and after: other processes skew CPU timings
+        # 1/5/15-minute load averages before and after (they include this run's own threads)
         "load_avg": {"start": run["load_start"], "end": _load_avg()},
+        "load": {
+            "loaded": loaded,
+            "why": why,
+            "threshold_cores": args.max_load,
+            # busy cores of other processes: over 2 s before the run, and over the run
+            "foreign_cores_before": run["foreign_start"],
+            "foreign_cores_during": foreign,
+        },
     }
     result["targets"] = evaluate_targets(result)
     return result
+
+
+def sample_foreign_load(seconds: float = 2.0) -> float | None:
+    """Busy cores of other processes over ``seconds`` while this one sleeps."""
+    monitor = LoadMonitor().start()
+    time.sleep(seconds)
+    return monitor.stop()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -1511,12 +1965,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     _TIMM["path"] = args.timm_file
     _CPU_FUSED["policy"] = args.cpu_fused
+    _RAW_CHUNK["bytes"] = None if args.raw_chunk_mib is None else int(args.raw_chunk_mib * 2**20)
     specs = select_specs(args.impls)
+    foreign_start = sample_foreign_load()
+    loaded, why = load_verdict([foreign_start], args.max_load)
+    if loaded:
+        if args.require_quiet:
+            raise SystemExit(f"--require-quiet: {why}")
+        print(f"warning: {why}; the run will be marked loaded", file=sys.stderr)
     # what the run measures (machine, versions, the commit) is read once, before the first number
     run = {
         "started": utc_now(),
         "t_start": time.perf_counter(),
         "load_start": _load_avg(),
+        "foreign_start": foreign_start,
+        "monitor": LoadMonitor().start(),
         "meta": {
             "machine": machine_info(args.device),
             "torch": torch.__version__,
@@ -1524,22 +1987,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "polyak": {**package_versions(["polyak"]), **git_commit()},
         },
     }
+    if run["meta"]["polyak"].get("tree_dirty"):
+        files = ", ".join(run["meta"]["polyak"]["dirty_files"][:5])
+        print(f"warning: uncommitted changes ({files}): recorded in the JSON", file=sys.stderr)
     torch.manual_seed(0)
-    load_start = run["load_start"]
-    if args.device == "cpu" and load_start and load_start[0] > 0.5:
-        print(
-            f"warning: load average {load_start[0]:.2f} before the run; other processes on "
-            f"this machine's {os.cpu_count()} cores will slow and scatter the CPU timings",
-            file=sys.stderr,
-        )
     out = None
     if not args.no_write:
         day = run["started"].date().isoformat()
         out = Path(args.out) if args.out else RESULTS_DIR / f"update_speed_{args.device}_{day}.json"
 
     probe_bytes = (1 << 30) if args.device == "cuda" else (256 << 20)
-    probes = [copy_bandwidth(args.device, probe_bytes, reps=10)]
-    print(f"copy bandwidth: {probes[0]['best_bytes_per_s'] / 1e9:.1f} GB/s", file=sys.stderr)
+    probes = probe_bandwidth(args.device, probe_bytes)
+    bw0 = max(p["best_bytes_per_s"] for p in probes)
+    print(f"in-place bandwidth: {bw0 / 1e9:.1f} GB/s", file=sys.stderr)
+    cache = cache_bytes(args.device)
 
     all_rows: list[dict[str, Any]] = []
     wl_info: list[dict[str, Any]] = []
@@ -1550,6 +2011,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows = bench_workload(wl, specs, args, bw)
         info = wl.summary()
         info["polyak_auto_kernel"] = polyak_auto_kernel(wl)
+        info["inner"] = next(
+            (r["inner"] for r in rows if r.get("inner") and r.get("reps", 0) > 1), None
+        )
+        info["cache_bytes"] = cache
+        info["floor_is_bound"] = floor_is_bound(info["working_set_bytes"], cache)
         wl_info.append(info)
         all_rows += rows
         del wl
@@ -1559,9 +2025,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             partial = assemble(args, run, probes, None, wl_info, all_rows, None, complete=False)
             write_json_atomic(out, partial)
 
-    # a second probe at the end; the floor uses the best bandwidth seen in the run
-    probes.append(copy_bandwidth(args.device, probe_bytes, reps=10))
-    inplace = copy_bandwidth(args.device, probe_bytes, reps=10, op="add")
+    # the probes again at the end; the floor uses the best bandwidth seen in the run
+    probes += probe_bandwidth(args.device, probe_bytes)
+    copy_probe = memory_bandwidth(args.device, probe_bytes, reps=10, op="copy")
 
     train = None
     if args.train_step:
@@ -1570,11 +2036,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         train = train_step_bench(specs + extra, args)
         print(f"train step: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
-    result = assemble(args, run, probes, inplace, wl_info, all_rows, train, complete=True)
+    result = assemble(args, run, probes, copy_probe, wl_info, all_rows, train, complete=True)
     print(render_table(result))
     print()
-    print(render_targets(result["targets"], args.device))
+    print(render_targets(result["targets"], args.device, result["load"]))
     print(f"\n(elapsed {result['elapsed_s']} s)")
+    if result["load"]["loaded"]:
+        print(f"warning: LOADED RUN: {result['load']['why']}", file=sys.stderr)
     if out:
         write_json_atomic(out, result)
         print(f"wrote {out}", file=sys.stderr)
