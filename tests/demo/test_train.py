@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from polyak.cli import main
+from polyak.demo import train
 from polyak.demo.data import ImageData
 from polyak.demo.train import DemoConfig, _lr_factor, run_demo, summarize
 
@@ -112,6 +113,57 @@ def test_no_warmup_leaves_ema_at_initialisation(tmp_path: Path) -> None:
     assert warm["runs"][0]["final"]["raw_acc"] == cold["runs"][0]["final"]["raw_acc"]
     assert warm["runs"][0]["final"]["ema_acc"] > 0.5
     assert cold["runs"][0]["final"]["ema_acc"] < 0.3
+
+
+def _trajectory(metrics: dict) -> list[tuple]:
+    """Every seed's per-epoch loss and accuracies: any change in a bit of training shows here."""
+    return [
+        (run["seed"], row["step"], row["loss"], row["raw_acc"], row["ema_acc"])
+        for run in metrics["runs"]
+        for row in run["epochs"]
+    ]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_seed_and_threads_give_the_same_numbers(tmp_path: Path, threads: int) -> None:
+    # bn="recompute" also runs update_bn (dropout in train mode) between the epochs.
+    options = {"steps": 24, "seeds": 2, "threads": threads, "bn": "recompute", "bn_batches": 2}
+    torch.manual_seed(1234)
+    first = _tiny(tmp_path, **options)
+    torch.rand(7)  # whatever the caller's generator did in between
+    second = _tiny(tmp_path, **options)
+    assert _trajectory(first) == _trajectory(second)
+    assert first["runs"][0]["final"] != first["runs"][1]["final"]  # the seeds do differ
+
+
+def test_evaluation_does_not_change_training(tmp_path: Path) -> None:
+    """update_bn's dropout draws must not shift the generator training's dropout draws from."""
+    runs = {bn: _tiny(tmp_path, steps=24, bn=bn, bn_batches=2) for bn in ("average", "recompute")}
+    raw = {bn: [row[:4] for row in _trajectory(m)] for bn, m in runs.items()}
+    assert raw["average"] == raw["recompute"]
+    assert _trajectory(runs["average"]) != _trajectory(runs["recompute"])  # the EMA's differ
+
+
+def test_run_demo_leaves_the_process_as_it_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    evaluate = train.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    assert not torch.are_deterministic_algorithms_enabled()
+    _tiny(tmp_path, steps=3, threads=1)
+    assert seen and all(seen)  # deterministic algorithms during the run (on the CPU) ...
+    assert not torch.are_deterministic_algorithms_enabled()  # ... and off again after it
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("bn", ["average", "copy", "recompute"])

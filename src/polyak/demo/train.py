@@ -12,8 +12,17 @@ initial weights within the first few dozen steps; ``warmup=False`` uses the cons
 step 1 and the average stays near its initialisation (chance accuracy) for about ``1 / (1 - d)``
 steps.
 
+On the CPU a run is reproducible: the same seed and thread count give the same numbers, bit for
+bit. Each seed's run forks torch's global generator and seeds it (initialisation and dropout
+draw from it; data order and augmentation have their own seeded generators), evaluations run on
+a fork of their own so that ``update_bn``'s dropout does not shift training's draws, and
+``torch.use_deterministic_algorithms(True)`` is on during the run. A different thread count or
+CPU changes the floating-point reduction order and so the numbers; on CUDA, ``cudnn.benchmark``
+picks algorithms by timing and runs are not bit-reproducible.
+
 :func:`run_demo` prints a table, writes ``metrics.json`` (atomically) and ``accuracy.png``, and
-returns the metrics.
+returns the metrics; it leaves torch's global generator, thread count and deterministic-algorithms
+flag as it found them.
 """
 
 from __future__ import annotations
@@ -308,7 +317,8 @@ class _Run:
         self.data = data
         self.seed = seed
         self.device = data.device
-        torch.manual_seed(seed)
+        # Init and dropout draw from torch's global generator, which the caller has forked and
+        # seeded with ``seed`` (_seeded); data order and augmentation have their own generators.
         model = SeedCNN(config.width, in_channels=image.channels, num_classes=image.num_classes)
         memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=memory_format)
@@ -386,8 +396,12 @@ class _Run:
             step += steps
             loss = loss_sum.item() / steps  # one host sync per epoch
             train_time += time.perf_counter() - tic
-            raw_acc = evaluate(self.forward, self.data, config.amp)
-            ema_acc = self.evaluate_ema()
+            # update_bn (bn="recompute") runs dropout in train mode: evaluating must not move the
+            # generator that training's dropout draws from, or the evaluation would change the
+            # raw weights' trajectory.
+            with _seeded(self.device, None):
+                raw_acc = evaluate(self.forward, self.data, config.amp)
+                ema_acc = self.evaluate_ema()
             row = {
                 "epoch": round(step / steps_per_epoch, 4),
                 "step": step,
@@ -407,6 +421,42 @@ class _Run:
             "wall_s": time.perf_counter() - start,
             "train_s": train_time,
         }
+
+
+@contextlib.contextmanager
+def _seeded(device: torch.device, seed: int | None) -> Iterator[None]:
+    """Fork torch's global generators (CPU, and ``device``'s if CUDA), seeded with ``seed``.
+
+    Inside, the global generator is set with ``torch.manual_seed(seed)`` (left as it is for
+    ``None``); on exit the state from before is restored, so neither a seed's run nor an
+    evaluation moves the generator the code around it draws from.
+    """
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        if seed is not None:
+            torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device) -> Iterator[None]:
+    """On the CPU, ``torch.use_deterministic_algorithms(True)`` inside; restored on exit.
+
+    PyTorch's CPU kernels used here are deterministic for a fixed thread count; the flag makes
+    any that is not raise instead of silently changing the numbers from run to run. On CUDA
+    nothing changes: ``cudnn.benchmark`` picks convolution algorithms by timing, so GPU runs are
+    fast rather than bit-reproducible.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    enabled = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
@@ -475,15 +525,19 @@ def _run_demo(config: DemoConfig, data: ImageData | None, stream: TextIO | None)
     printer.write(_Printer.HEADER)
     runs = []
     for seed in range(config.seed, config.seed + config.seeds):
-        with tqdm(
-            total=total_steps,
-            desc=f"seed {seed}",
-            unit="step",
-            leave=False,
-            disable=not config.progress,
-            file=sys.stderr,
-            mininterval=0.5,
-        ) as bar:
+        with (
+            tqdm(
+                total=total_steps,
+                desc=f"seed {seed}",
+                unit="step",
+                leave=False,
+                disable=not config.progress,
+                file=sys.stderr,
+                mininterval=0.5,
+            ) as bar,
+            _seeded(device, seed),
+            _deterministic(device),
+        ):
             run = _Run(config, device_data, image, seed)
             runs.append(run.train(total_steps, steps_per_epoch, bar, printer))
     summary = summarize(runs)
