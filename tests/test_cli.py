@@ -11,7 +11,8 @@ import pytest
 
 import polyak
 from polyak import schedules
-from polyak.cli import main, parse_schedule, schedule_factories
+from polyak.cli import build_parser, main, parse_schedule, schedule_factories
+from polyak.demo.train import DATASET_DEFAULTS
 
 SRC = str(Path(polyak.__file__).resolve().parents[1])
 
@@ -171,3 +172,77 @@ def test_demo_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None
                    "--lr", "--lr-schedule", "--decay", "--schedule", "--seeds", "--width", "--bn",
                    "--no-warmup", "--out"):  # fmt: skip
         assert option in out
+
+
+# ---------------------------------------------------------------- polyak demo --help and usage
+
+
+def _demo_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    """``polyak demo --help`` on one line per option (a wide terminal), whitespace collapsed."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_demo_help_shows_the_defaults_the_run_uses(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _demo_help(monkeypatch, capsys)
+    # The per-dataset defaults, read from DATASET_DEFAULTS, not argparse's None placeholder.
+    d, c = DATASET_DEFAULTS["digits"], DATASET_DEFAULTS["cifar10"]
+    for option, key in (("--epochs EPOCHS", "epochs"), ("--batch-size BATCH_SIZE", "batch_size"),
+                        ("--lr LR", "lr"), ("--weight-decay WEIGHT_DECAY", "weight_decay"),
+                        ("--width WIDTH", "width"), ("--seeds N", "seeds"),
+                        ("--decay DECAY", "decay")):  # fmt: skip
+        start = out.index(option + " ", out.index("options:"))  # past the usage line
+        entry = out[start : out.index(" --", start + len(option))]
+        assert f"(default: digits {d[key]:g}, cifar10 {c[key]:g})" in entry, entry
+    assert "(default: None)" not in out
+    assert "(default: True)" not in out and "(default: False)" not in out
+    for entry in ("--lr-warmup STEPS steps of linear learning-rate warm-up (default: 0)",
+                  "--momentum MOMENTUM SGD (Nesterov) momentum (default: 0.9)",
+                  "--bn-batches N training batches update_bn sees for --bn recompute "
+                  "(default: 64)",
+                  "(default: polyak-demo)", "(default: every part found)",
+                  "(default: --epochs decides)", "(default: on for cuda, off otherwise)",
+                  "(default: tf_warmup with the --decay value)"):  # fmt: skip
+        assert entry in out
+
+
+def test_demo_help_no_flags_say_what_happens_without_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _demo_help(monkeypatch, capsys)
+    assert (
+        "--no-warmup use the constant --decay from the first update; without this flag the "
+        "decay at update n is min(decay, (1+n)/(10+n)), TensorFlow's warm-up" in out
+    )
+    assert "--no-progress no progress bar on stderr (without this flag, one is shown)" in out
+    assert "--no-plot do not write accuracy.png (without this flag, it is written)" in out
+
+
+def test_every_demo_option_has_help() -> None:
+    demo = build_parser().parse_args(["demo"]).command_parser
+    undocumented = [a.option_strings for a in demo._actions if not a.help]
+    assert undocumented == []
+    out = " ".join(demo.format_help().split())
+    assert "--dataset {digits,cifar10} scikit-learn's bundled 8x8 digits" in out
+    assert "--lr-schedule {constant,cosine} the learning rate after the warm-up" in out
+    assert "--label-smoothing EPS label smoothing of the cross-entropy loss" in out
+
+
+def test_demo_unknown_option_prints_the_demo_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _demo_error(capsys, "--bogus", "x")
+    assert err.startswith("usage: polyak demo ")
+    assert "polyak demo: error: unrecognized arguments: --bogus x" in err
+
+
+def test_unknown_option_before_the_command_is_still_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--bogus"])
+    assert info.value.code == 2
+    assert "the following arguments are required: COMMAND" in capsys.readouterr().err
