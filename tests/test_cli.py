@@ -12,6 +12,7 @@ import pytest
 import polyak
 from polyak import schedules
 from polyak.cli import build_parser, main, parse_schedule, schedule_factories
+from polyak.demo import train
 from polyak.demo.train import DATASET_DEFAULTS
 
 SRC = str(Path(polyak.__file__).resolve().parents[1])
@@ -246,3 +247,91 @@ def test_unknown_option_before_the_command_is_still_an_error(
         main(["--bogus"])
     assert info.value.code == 2
     assert "the following arguments are required: COMMAND" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- an unwritable --out
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any training run fail the test: the --out check must come before it."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started despite an unwritable --out")
+
+    monkeypatch.setattr(train, "_Run", refuse)
+
+
+def _out_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], out: Path) -> str:
+    code = main(["demo", "--no-progress", "--steps", "1", "--out", str(out)])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert captured.out == ""  # not even the run's header: nothing started
+    return captured.err
+
+
+def test_demo_out_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    out = tmp_path / "results"
+    out.write_text("not a directory")
+    err = _out_error(tmp_path, capsys, out)
+    assert err.startswith(
+        f"polyak demo: error: cannot write metrics.json and accuracy.png to --out {str(out)!r}: "
+        "it is a file, not a directory. Give a directory you can write to"
+    )
+    assert out.read_text() == "not a directory"
+
+
+def test_demo_out_under_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    parent = tmp_path / "file"
+    parent.write_text("")
+    err = _out_error(tmp_path, capsys, parent / "out")
+    assert f"to --out {str(parent / 'out')!r}: Not a directory." in err
+    assert "(it is created if missing), e.g. --out ./polyak-demo." in err
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere"
+)
+def test_demo_out_in_a_read_only_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        err = _out_error(tmp_path, capsys, locked / "out")
+    finally:
+        locked.chmod(0o700)
+    assert f"to --out {str(locked / 'out')!r}: Permission denied." in err
+
+
+def test_demo_out_that_cannot_be_written(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_training: None,
+) -> None:
+    """What a read-only directory gives a user who is not root (as root, simulated)."""
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(train.tempfile, "mkstemp", denied)
+    err = _out_error(tmp_path, capsys, tmp_path / "out")
+    assert f"to --out {str(tmp_path / 'out')!r}: Permission denied." in err
+
+
+def test_run_demo_checks_out_before_training(tmp_path: Path, no_training: None) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="it is a file, not a directory"):
+        train.run_demo(train.DemoConfig(out=str(tmp_path / "file"), progress=False))
+
+
+def test_check_out_dir_creates_the_directory_and_leaves_nothing_in_it(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b"
+    assert train.check_out_dir(out) == out
+    assert out.is_dir() and list(out.iterdir()) == []

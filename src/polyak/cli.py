@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from polyak.demo.train import DemoConfig, load_dataset, run_demo
+    from polyak.demo.train import DemoConfig, check_out_dir, load_dataset, run_demo
 
     if args.schedule is not None:
         try:
@@ -270,9 +270,10 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     fields = set(DemoConfig.__dataclass_fields__)
     config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    try:  # problems with the options or the data: a message, not a traceback
+    try:  # problems with the options, the data or --out: a message, not a traceback
         config = config.resolved()
         data = load_dataset(config)
+        check_out_dir(config.out)  # before training, not when the results are written
     except (FileNotFoundError, ValueError) as error:
         print(f"polyak demo: error: {error}", file=sys.stderr)
         return 2

@@ -30,11 +30,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
 import json
 import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,7 +54,15 @@ from polyak.demo.data import DeviceData, ImageData, load_cifar10, load_digits
 from polyak.demo.model import SeedCNN
 from polyak.io import atomic_path
 
-__all__ = ["DATASET_DEFAULTS", "DemoConfig", "evaluate", "load_dataset", "run_demo", "summarize"]
+__all__ = [
+    "DATASET_DEFAULTS",
+    "DemoConfig",
+    "check_out_dir",
+    "evaluate",
+    "load_dataset",
+    "run_demo",
+    "summarize",
+]
 
 #: Per-dataset defaults for the options left as ``None`` in :class:`DemoConfig`.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -208,6 +218,34 @@ def load_dataset(config: DemoConfig) -> ImageData:
             "files, a single .npz, or the official cifar-10-batches-bin directory."
         )
     return load_cifar10(config.data, parts=config.parts)
+
+
+def check_out_dir(out: str | os.PathLike[str]) -> Path:
+    """Create the results directory ``out`` if missing and check that a file can be made in it.
+
+    :func:`run_demo` calls it before training, so that a bad ``--out`` is reported in a second,
+    not after the run when ``metrics.json`` is written.
+
+    Raises:
+        ValueError: ``out`` is a file, lies under a file, or cannot be created or written to; the
+            message names the path, the reason and the fix.
+    """
+    path = Path(out)
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "it is a file, not a directory")
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".polyak-demo-", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ValueError(
+            f"cannot write metrics.json and accuracy.png to --out {str(path)!r}: {reason}. "
+            "Give a directory you can write to (it is created if missing), e.g. "
+            "--out ./polyak-demo."
+        ) from error
+    return path
 
 
 def _lr_factor(config: DemoConfig, total_steps: int) -> Callable[[int], float]:
@@ -493,6 +531,7 @@ def run_demo(
 def _run_demo(config: DemoConfig, data: ImageData | None, stream: TextIO | None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
+    out = check_out_dir(config.out)  # before training, not when the results are written
     image = load_dataset(config) if data is None else data
     device = torch.device(config.device)
     if device.type == "cuda":
@@ -555,7 +594,6 @@ def _run_demo(config: DemoConfig, data: ImageData | None, stream: TextIO | None)
         "runs": runs,
         "summary": summary,
     }
-    out = Path(config.out)
     _write_json(out / "metrics.json", metrics)
     if config.plot:
         from polyak.demo.plot import plot_accuracy
