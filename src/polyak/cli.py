@@ -206,10 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     averaging.add_argument(
         "--bn",
         choices=("average", "copy", "recompute"),
-        default=config.bn,
         help="BatchNorm statistics of the averages: averaged, copied from the live model (the "
         "seed's setup), or recomputed with polyak.bn.update_bn before each evaluation "
-        "(default: %(default)s)",
+        f"(default: {_by_dataset('bn')})",
     )
     averaging.add_argument(
         "--bn-batches",

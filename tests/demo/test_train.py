@@ -65,6 +65,7 @@ def test_default_demo_writes_metrics_and_plot(default_run) -> None:
         0.99,
         True,
     )
+    assert (config["lr"], config["weight_decay"], config["bn"]) == (0.5, 5e-3, "recompute")
     for key in ("torch", "polyak", "machine", "python"):
         assert metrics["environment"][key]
     assert len(metrics["runs"]) == 3
@@ -86,18 +87,29 @@ def test_default_demo_writes_metrics_and_plot(default_run) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_default_demo_ema_beats_raw(default_run) -> None:
+def test_default_demo_ema_beats_raw_by_a_wide_margin(default_run) -> None:
+    """The README's claim, with headroom for another CPU (its numbers differ from this one's).
+
+    Measured with seeds 0-9 on 1 and on 2 threads (20 runs, DATASET_DEFAULTS): EMA - raw was
+    22.7 ± 10.6 points per seed, at least 8.9; over epochs 9-15 of those runs, as noisy as the
+    last, 2 of 140 margins were under 5 points and none under 4.4. The EMA was 97.5 ± 0.5%.
+    Asserted: the 3-seed mean margin at 5 points (about 3 standard deviations of a 3-seed mean
+    below its expectation), every seed's EMA above its raw, the EMA's mean at 95%.
+    """
     _, _, _, out = default_run
-    final = json.loads((out / "metrics.json").read_text())["summary"]["final"]
-    assert final["ema_acc"]["mean"] >= final["raw_acc"]["mean"]
-    assert final["ema_acc"]["mean"] > 0.95
+    metrics = json.loads((out / "metrics.json").read_text())
+    final = metrics["summary"]["final"]
+    assert final["ema_acc"]["mean"] - final["raw_acc"]["mean"] >= 0.05
+    assert final["ema_acc"]["mean"] >= 0.95
+    for run in metrics["runs"]:
+        assert run["final"]["ema_acc"] > run["final"]["raw_acc"], run["seed"]
 
 
 # ---------------------------------------------------------------- small runs of each path
 
 
 def _tiny(tmp_path: Path, **options) -> dict:
-    options = {"width": 8, "batch_size": 128, "lr": 0.1, "threads": 1} | options
+    options = {"width": 8, "batch_size": 128, "lr": 0.1, "bn": "average", "threads": 1} | options
     config = DemoConfig(progress=False, plot=False, out=str(tmp_path), **options)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # in particular: no StaleBatchNormWarning from the loop
