@@ -11,7 +11,9 @@ import pytest
 
 import polyak
 from polyak import schedules
-from polyak.cli import main, parse_schedule, schedule_factories
+from polyak.cli import build_parser, main, parse_schedule, schedule_factories
+from polyak.demo import train
+from polyak.demo.train import DATASET_DEFAULTS
 
 SRC = str(Path(polyak.__file__).resolve().parents[1])
 
@@ -171,3 +173,165 @@ def test_demo_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> None
                    "--lr", "--lr-schedule", "--decay", "--schedule", "--seeds", "--width", "--bn",
                    "--no-warmup", "--out"):  # fmt: skip
         assert option in out
+
+
+# ---------------------------------------------------------------- polyak demo --help and usage
+
+
+def _demo_help(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    """``polyak demo --help`` on one line per option (a wide terminal), whitespace collapsed."""
+    monkeypatch.setenv("COLUMNS", "1000")
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--help"])
+    assert info.value.code == 0
+    return " ".join(capsys.readouterr().out.split())
+
+
+def test_demo_help_shows_the_defaults_the_run_uses(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _demo_help(monkeypatch, capsys)
+    # The per-dataset defaults, read from DATASET_DEFAULTS, not argparse's None placeholder.
+    d, c = DATASET_DEFAULTS["digits"], DATASET_DEFAULTS["cifar10"]
+    for option, key in (("--epochs EPOCHS", "epochs"), ("--batch-size BATCH_SIZE", "batch_size"),
+                        ("--lr LR", "lr"), ("--weight-decay WEIGHT_DECAY", "weight_decay"),
+                        ("--width WIDTH", "width"), ("--seeds N", "seeds"),
+                        ("--decay DECAY", "decay")):  # fmt: skip
+        start = out.index(option + " ", out.index("options:"))  # past the usage line
+        entry = out[start : out.index(" --", start + len(option))]
+        assert f"(default: digits {d[key]:g}, cifar10 {c[key]:g})" in entry, entry
+    assert "(default: None)" not in out
+    assert "(default: True)" not in out and "(default: False)" not in out
+    for entry in ("--lr-warmup STEPS steps of linear learning-rate warm-up (default: 0)",
+                  "--momentum MOMENTUM SGD (Nesterov) momentum (default: 0.9)",
+                  "--bn-batches N training batches update_bn sees for --bn recompute "
+                  "(default: 64)",
+                  "(default: polyak-demo)", "(default: every part found)",
+                  "(default: --epochs decides)", "(default: on for cuda, off otherwise)",
+                  "(default: tf_warmup with the --decay value)"):  # fmt: skip
+        assert entry in out
+
+
+def test_demo_help_no_flags_say_what_happens_without_them(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _demo_help(monkeypatch, capsys)
+    assert (
+        "--no-warmup use the constant --decay from the first update; without this flag the "
+        "decay at update n is min(decay, (1+n)/(10+n)), TensorFlow's warm-up" in out
+    )
+    assert "--no-progress no progress bar on stderr (without this flag, one is shown)" in out
+    assert "--no-plot do not write accuracy.png (without this flag, it is written)" in out
+
+
+def test_every_demo_option_has_help() -> None:
+    demo = build_parser().parse_args(["demo"]).command_parser
+    undocumented = [a.option_strings for a in demo._actions if not a.help]
+    assert undocumented == []
+    out = " ".join(demo.format_help().split())
+    assert "--dataset {digits,cifar10} scikit-learn's bundled 8x8 digits" in out
+    assert "--lr-schedule {constant,cosine} the learning rate after the warm-up" in out
+    assert "--label-smoothing EPS label smoothing of the cross-entropy loss" in out
+
+
+def test_demo_unknown_option_prints_the_demo_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _demo_error(capsys, "--bogus", "x")
+    assert err.startswith("usage: polyak demo ")
+    assert "polyak demo: error: unrecognized arguments: --bogus x" in err
+
+
+def test_unknown_option_before_the_command_is_still_an_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["--bogus"])
+    assert info.value.code == 2
+    assert "the following arguments are required: COMMAND" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- an unwritable --out
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any training run fail the test: the --out check must come before it."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("training started despite an unwritable --out")
+
+    monkeypatch.setattr(train, "_Run", refuse)
+
+
+def _out_error(tmp_path: Path, capsys: pytest.CaptureFixture[str], out: Path) -> str:
+    code = main(["demo", "--no-progress", "--steps", "1", "--out", str(out)])
+    assert code == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    assert captured.out == ""  # not even the run's header: nothing started
+    return captured.err
+
+
+def test_demo_out_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    out = tmp_path / "results"
+    out.write_text("not a directory")
+    err = _out_error(tmp_path, capsys, out)
+    assert err.startswith(
+        f"polyak demo: error: cannot write metrics.json and accuracy.png to --out {str(out)!r}: "
+        "it is a file, not a directory. Give a directory you can write to"
+    )
+    assert out.read_text() == "not a directory"
+
+
+def test_demo_out_under_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    parent = tmp_path / "file"
+    parent.write_text("")
+    err = _out_error(tmp_path, capsys, parent / "out")
+    assert f"to --out {str(parent / 'out')!r}: Not a directory." in err
+    assert "(it is created if missing), e.g. --out ./polyak-demo." in err
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere"
+)
+def test_demo_out_in_a_read_only_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    try:
+        err = _out_error(tmp_path, capsys, locked / "out")
+    finally:
+        locked.chmod(0o700)
+    assert f"to --out {str(locked / 'out')!r}: Permission denied." in err
+
+
+def test_demo_out_that_cannot_be_written(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    no_training: None,
+) -> None:
+    """What a read-only directory gives a user who is not root (as root, simulated)."""
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(train.tempfile, "mkstemp", denied)
+    err = _out_error(tmp_path, capsys, tmp_path / "out")
+    assert f"to --out {str(tmp_path / 'out')!r}: Permission denied." in err
+
+
+def test_run_demo_checks_out_before_training(tmp_path: Path, no_training: None) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="it is a file, not a directory"):
+        train.run_demo(train.DemoConfig(out=str(tmp_path / "file"), progress=False))
+
+
+def test_check_out_dir_creates_the_directory_and_leaves_nothing_in_it(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "b"
+    assert train.check_out_dir(out) == out
+    assert out.is_dir() and list(out.iterdir()) == []

@@ -39,8 +39,26 @@ def _parts(text: str) -> list[int]:
     return parts
 
 
+def _by_dataset(key: str) -> str:
+    """``digits 15, cifar10 30``: the per-dataset defaults of a ``DemoConfig`` field."""
+    from polyak.demo.train import DATASET_DEFAULTS
+
+    def show(value: object) -> str:
+        return format(value, "g") if isinstance(value, (int, float)) else str(value)
+
+    return ", ".join(f"{name} {show(defaults[key])}" for name, defaults in DATASET_DEFAULTS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of the ``polyak`` command."""
+    """The argument parser of the ``polyak`` command.
+
+    Every option of ``polyak demo`` states its default in its help, as the run will use it: the
+    per-dataset defaults come from :data:`polyak.demo.train.DATASET_DEFAULTS`, the others from
+    :class:`polyak.demo.train.DemoConfig`.
+    """
+    from polyak.demo.train import DemoConfig
+
+    config = DemoConfig()
     parser = argparse.ArgumentParser(
         prog="polyak", description="Weight averaging (EMA) for PyTorch: tools and a demo."
     )
@@ -54,102 +72,176 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train the seed's CNN (9 convolutions with BatchNorm, leaky ReLU 0.1, dropout 0.5) "
             "with SGD and report the raw and the EMA weights' test accuracy per epoch. "
-            "Defaults: scikit-learn's digits, on the CPU, in well under two minutes. "
+            "Defaults: scikit-learn's digits, on the CPU, in under a minute. "
             "Writes metrics.json and accuracy.png to --out."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     demo.set_defaults(command_parser=demo)  # usage errors then name "polyak demo"
     data = demo.add_argument_group("data")
-    data.add_argument("--dataset", choices=("digits", "cifar10"), default="digits")
+    data.add_argument(
+        "--dataset",
+        choices=("digits", "cifar10"),
+        default=config.dataset,
+        help="scikit-learn's bundled 8x8 digits (no download), or CIFAR-10 read from --data "
+        "(default: %(default)s)",
+    )
     data.add_argument(
         "--data",
         metavar="PATH",
         help="CIFAR-10: a directory of part-<i>.npz files, a single .npz, or the official "
-        "cifar-10-batches-bin directory",
+        "cifar-10-batches-bin directory (required with --dataset cifar10)",
     )
     data.add_argument(
         "--parts",
         type=_parts,
         metavar="I[,J...]",
-        help="CIFAR-10 parts layout: use only these parts (e.g. 0: 12.5k train / 2.5k test)",
+        help="CIFAR-10 parts layout: use only these parts, e.g. 0: 12.5k train / 2.5k test "
+        "(default: every part found)",
     )
-    train = demo.add_argument_group("training (defaults by dataset when not given)")
-    train.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    train.add_argument("--epochs", type=_positive_int, help="epochs (digits 15, cifar10 30)")
+    train = demo.add_argument_group("training")
     train.add_argument(
-        "--steps", type=_positive_int, help="a fixed budget of optimizer steps instead of --epochs"
+        "--device", default=config.device, help="cpu, cuda, cuda:1, ... (default: %(default)s)"
     )
-    train.add_argument("--batch-size", type=_positive_int, help="digits 64, cifar10 128")
-    train.add_argument("--lr", type=float, help="SGD learning rate (digits 0.5, cifar10 0.05)")
-    train.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant")
     train.add_argument(
-        "--lr-warmup", type=int, default=0, metavar="STEPS", help="linear lr warm-up steps"
+        "--epochs",
+        type=_positive_int,
+        help=f"full passes over the training set (default: {_by_dataset('epochs')})",
     )
-    train.add_argument("--momentum", type=float, default=0.9, help="SGD (Nesterov) momentum")
-    train.add_argument("--weight-decay", type=float, help="digits 0, cifar10 5e-4")
-    train.add_argument("--label-smoothing", type=float, default=0.0)
-    train.add_argument("--width", type=_positive_int, help="first-stage channels (seed: 96)")
     train.add_argument(
-        "--seeds", type=_positive_int, help="repeat with seeds 0..N-1 (digits 3, cifar10 1)"
+        "--steps",
+        type=_positive_int,
+        help="a fixed budget of optimizer steps instead of --epochs (default: --epochs decides)",
     )
-    train.add_argument("--seed", type=int, default=0, help="first seed")
+    train.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        help=f"training batch size (default: {_by_dataset('batch_size')})",
+    )
+    train.add_argument("--lr", type=float, help=f"SGD learning rate (default: {_by_dataset('lr')})")
+    train.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default=config.lr_schedule,
+        help="the learning rate after the warm-up: constant, or a cosine decay to 0 at the last "
+        "step (default: %(default)s)",
+    )
+    train.add_argument(
+        "--lr-warmup",
+        type=int,
+        default=config.lr_warmup,
+        metavar="STEPS",
+        help="steps of linear learning-rate warm-up (default: %(default)s)",
+    )
+    train.add_argument(
+        "--momentum",
+        type=float,
+        default=config.momentum,
+        help="SGD (Nesterov) momentum (default: %(default)s)",
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=float,
+        help=f"SGD weight decay (default: {_by_dataset('weight_decay')})",
+    )
+    train.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=config.label_smoothing,
+        metavar="EPS",
+        help="label smoothing of the cross-entropy loss, in [0, 1) (default: %(default)s)",
+    )
+    train.add_argument(
+        "--width",
+        type=_positive_int,
+        help=f"first-stage channels, 96 in the seed (default: {_by_dataset('width')})",
+    )
+    train.add_argument(
+        "--seeds",
+        type=_positive_int,
+        metavar="N",
+        help="runs with seeds SEED..SEED+N-1, reported as mean ± std "
+        f"(default: {_by_dataset('seeds')})",
+    )
+    train.add_argument(
+        "--seed", type=int, default=config.seed, help="the first seed (default: %(default)s)"
+    )
     train.add_argument(
         "--amp",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="bf16 autocast (default: on for cuda only)",
+        help="bf16 autocast (default: on for cuda, off otherwise)",
     )
     train.add_argument(
         "--channels-last",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="channels_last memory format (default: on for cuda only)",
+        help="channels_last memory format (default: on for cuda, off otherwise)",
     )
-    train.add_argument("--compile", action="store_true", help="torch.compile the model")
-    train.add_argument("--threads", type=_positive_int, help="torch CPU threads")
+    train.add_argument(
+        "--compile", action="store_true", help="torch.compile the model (default: off)"
+    )
+    train.add_argument(
+        "--threads",
+        type=_positive_int,
+        metavar="N",
+        help="torch CPU threads for the run; results are reproducible for a given seed and "
+        "thread count (default: torch's setting, usually the number of cores)",
+    )
     averaging = demo.add_argument_group("averaging")
     decay = averaging.add_mutually_exclusive_group()
-    decay.add_argument("--decay", type=float, help="EMA decay (digits 0.99, cifar10 0.998)")
+    decay.add_argument("--decay", type=float, help=f"EMA decay (default: {_by_dataset('decay')})")
     decay.add_argument(
         "--schedule",
         metavar="NAME[:key=value,...]",
-        help="a polyak.schedules factory instead of --decay, e.g. power:sigma_rel=0.1",
+        help="a polyak.schedules factory instead of --decay, e.g. power:sigma_rel=0.1 "
+        "(default: tf_warmup with the --decay value)",
     )
     averaging.add_argument(
         "--no-warmup",
         dest="warmup",
         action="store_false",
-        help="constant decay from the first step instead of min(decay, (1+n)/(10+n))",
+        help="use the constant --decay from the first update; without this flag the decay at "
+        "update n is min(decay, (1+n)/(10+n)), TensorFlow's warm-up",
     )
     averaging.add_argument(
         "--bn",
         choices=("average", "copy", "recompute"),
-        default="average",
         help="BatchNorm statistics of the averages: averaged, copied from the live model (the "
-        "seed's setup), or recomputed with polyak.bn.update_bn before each evaluation",
+        "seed's setup), or recomputed with polyak.bn.update_bn before each evaluation "
+        f"(default: {_by_dataset('bn')})",
     )
     averaging.add_argument(
         "--bn-batches",
         type=_positive_int,
-        default=64,
-        help="training batches update_bn sees for --bn recompute",
+        default=config.bn_batches,
+        metavar="N",
+        help="training batches update_bn sees for --bn recompute (default: %(default)s)",
     )
     output = demo.add_argument_group("output")
     output.add_argument(
-        "--out", default="polyak-demo", help="directory for metrics.json and accuracy.png"
+        "--out",
+        default=config.out,
+        metavar="DIR",
+        help="directory for metrics.json and accuracy.png, created if missing "
+        "(default: %(default)s)",
     )
     output.add_argument(
-        "--no-progress", dest="progress", action="store_false", help="no progress bar"
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="no progress bar on stderr (without this flag, one is shown)",
     )
     output.add_argument(
-        "--no-plot", dest="plot", action="store_false", help="do not write accuracy.png"
+        "--no-plot",
+        dest="plot",
+        action="store_false",
+        help="do not write accuracy.png (without this flag, it is written)",
     )
     return parser
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from polyak.demo.train import DemoConfig, load_dataset, run_demo
+    from polyak.demo.train import DemoConfig, check_out_dir, load_dataset, run_demo
 
     if args.schedule is not None:
         try:
@@ -177,9 +269,10 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         )
     fields = set(DemoConfig.__dataclass_fields__)
     config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    try:  # problems with the options or the data: a message, not a traceback
+    try:  # problems with the options, the data or --out: a message, not a traceback
         config = config.resolved()
         data = load_dataset(config)
+        check_out_dir(config.out)  # before training, not when the results are written
     except (FileNotFoundError, ValueError) as error:
         print(f"polyak demo: error: {error}", file=sys.stderr)
         return 2
@@ -190,7 +283,11 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``polyak`` console script and ``python -m polyak``; returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would report them with the top-level usage, not the subcommand's
+        getattr(args, "command_parser", parser).error(
+            f"unrecognized arguments: {' '.join(unknown)}"
+        )
     if args.command == "demo":
         return _demo(args, args.command_parser)
     parser.error(f"unknown command {args.command!r}")  # unreachable: argparse checks choices

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from polyak.cli import main
+from polyak.demo import train
 from polyak.demo.data import ImageData
 from polyak.demo.train import DemoConfig, _lr_factor, run_demo, summarize
 
@@ -64,6 +65,7 @@ def test_default_demo_writes_metrics_and_plot(default_run) -> None:
         0.99,
         True,
     )
+    assert (config["lr"], config["weight_decay"], config["bn"]) == (0.5, 5e-3, "recompute")
     for key in ("torch", "polyak", "machine", "python"):
         assert metrics["environment"][key]
     assert len(metrics["runs"]) == 3
@@ -85,18 +87,29 @@ def test_default_demo_writes_metrics_and_plot(default_run) -> None:
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_default_demo_ema_beats_raw(default_run) -> None:
+def test_default_demo_ema_beats_raw_by_a_wide_margin(default_run) -> None:
+    """The README's claim, with headroom for another CPU (its numbers differ from this one's).
+
+    Measured with seeds 0-9 on 1 and on 2 threads (20 runs, DATASET_DEFAULTS): EMA - raw was
+    22.7 ± 10.6 points per seed, at least 8.9; over epochs 9-15 of those runs, as noisy as the
+    last, 2 of 140 margins were under 5 points and none under 4.4. The EMA was 97.5 ± 0.5%.
+    Asserted: the 3-seed mean margin at 5 points (about 3 standard deviations of a 3-seed mean
+    below its expectation), every seed's EMA above its raw, the EMA's mean at 95%.
+    """
     _, _, _, out = default_run
-    final = json.loads((out / "metrics.json").read_text())["summary"]["final"]
-    assert final["ema_acc"]["mean"] >= final["raw_acc"]["mean"]
-    assert final["ema_acc"]["mean"] > 0.95
+    metrics = json.loads((out / "metrics.json").read_text())
+    final = metrics["summary"]["final"]
+    assert final["ema_acc"]["mean"] - final["raw_acc"]["mean"] >= 0.05
+    assert final["ema_acc"]["mean"] >= 0.95
+    for run in metrics["runs"]:
+        assert run["final"]["ema_acc"] > run["final"]["raw_acc"], run["seed"]
 
 
 # ---------------------------------------------------------------- small runs of each path
 
 
 def _tiny(tmp_path: Path, **options) -> dict:
-    options = {"width": 8, "batch_size": 128, "lr": 0.1, "threads": 1} | options
+    options = {"width": 8, "batch_size": 128, "lr": 0.1, "bn": "average", "threads": 1} | options
     config = DemoConfig(progress=False, plot=False, out=str(tmp_path), **options)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # in particular: no StaleBatchNormWarning from the loop
@@ -112,6 +125,57 @@ def test_no_warmup_leaves_ema_at_initialisation(tmp_path: Path) -> None:
     assert warm["runs"][0]["final"]["raw_acc"] == cold["runs"][0]["final"]["raw_acc"]
     assert warm["runs"][0]["final"]["ema_acc"] > 0.5
     assert cold["runs"][0]["final"]["ema_acc"] < 0.3
+
+
+def _trajectory(metrics: dict) -> list[tuple]:
+    """Every seed's per-epoch loss and accuracies: any change in a bit of training shows here."""
+    return [
+        (run["seed"], row["step"], row["loss"], row["raw_acc"], row["ema_acc"])
+        for run in metrics["runs"]
+        for row in run["epochs"]
+    ]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_same_seed_and_threads_give_the_same_numbers(tmp_path: Path, threads: int) -> None:
+    # bn="recompute" also runs update_bn (dropout in train mode) between the epochs.
+    options = {"steps": 24, "seeds": 2, "threads": threads, "bn": "recompute", "bn_batches": 2}
+    torch.manual_seed(1234)
+    first = _tiny(tmp_path, **options)
+    torch.rand(7)  # whatever the caller's generator did in between
+    second = _tiny(tmp_path, **options)
+    assert _trajectory(first) == _trajectory(second)
+    assert first["runs"][0]["final"] != first["runs"][1]["final"]  # the seeds do differ
+
+
+def test_evaluation_does_not_change_training(tmp_path: Path) -> None:
+    """update_bn's dropout draws must not shift the generator training's dropout draws from."""
+    runs = {bn: _tiny(tmp_path, steps=24, bn=bn, bn_batches=2) for bn in ("average", "recompute")}
+    raw = {bn: [row[:4] for row in _trajectory(m)] for bn, m in runs.items()}
+    assert raw["average"] == raw["recompute"]
+    assert _trajectory(runs["average"]) != _trajectory(runs["recompute"])  # the EMA's differ
+
+
+def test_run_demo_leaves_the_process_as_it_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = []
+    evaluate = train.evaluate
+
+    def spy(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", spy)
+    torch.manual_seed(99)
+    state = torch.get_rng_state()
+    threads = torch.get_num_threads()
+    assert not torch.are_deterministic_algorithms_enabled()
+    _tiny(tmp_path, steps=3, threads=1)
+    assert seen and all(seen)  # deterministic algorithms during the run (on the CPU) ...
+    assert not torch.are_deterministic_algorithms_enabled()  # ... and off again after it
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.get_num_threads() == threads
 
 
 @pytest.mark.parametrize("bn", ["average", "copy", "recompute"])
