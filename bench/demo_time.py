@@ -36,7 +36,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import RESULTS_DIR, machine_info, markdown_table, utc_now, write_json_atomic
+from _common import (
+    RESULTS_DIR,
+    git_commit,
+    machine_info,
+    markdown_table,
+    utc_now,
+    write_json_atomic,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 _CONFIG_KEYS = (
@@ -59,32 +66,15 @@ _CONFIG_KEYS = (
 
 
 def git_state(root: Path = ROOT) -> dict[str, Any]:
-    """``HEAD`` and whether the tree differs from it (``git status --porcelain -uall``).
-
-    Untracked files under ``bench/results/`` are this benchmark's outputs (a second run finds the
-    first one's file) and do not count; every other entry, tracked or untracked, makes the tree
-    dirty. ``dirty`` is ``None`` when git cannot tell (no checkout).
-    """
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=20, check=True
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout
-
-    head = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=all")
-    if head is None or status is None:
-        return {"commit": None, "dirty": None, "dirty_entries": []}
-    entries = [
-        line
-        for line in status.splitlines()
-        if line and not (line.startswith("?? ") and line[3:].startswith("bench/results/"))
-    ]
-    return {"commit": head.strip(), "dirty": bool(entries), "dirty_entries": entries}
+    """``HEAD`` and whether the tree differs from it (``_common.git_commit``: files under
+    ``bench/results/`` are benchmark outputs and do not count). ``dirty`` is ``None`` when git
+    cannot tell (no checkout)."""
+    state = git_commit(root)
+    return {
+        "commit": state["commit"],
+        "dirty": state["tree_dirty"],
+        "dirty_entries": state["dirty_files"],
+    }
 
 
 def _std(values: list[float]) -> float:

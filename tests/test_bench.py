@@ -455,6 +455,20 @@ def test_peers_as_configured_run_the_same_constant_decay(bench, maker, module, d
     assert res["ok"], res
 
 
+def _bench_args(reps: int) -> argparse.Namespace:
+    """bench_workload's settings for a quick CPU run of fake implementations."""
+    return argparse.Namespace(
+        device="cpu",
+        warmup=3,
+        compile_budget_s=0,
+        max_update_ms=3000.0,
+        min_rep_ms=20.0,
+        max_inner=200,
+        reps=reps,
+        seed=0,
+    )
+
+
 def test_torch_ema_default_warmup_fails_the_value_check(bench):
     _, us = bench
     torch_ema = pytest.importorskip("torch_ema")
@@ -484,16 +498,7 @@ def test_a_wrong_peer_is_marked_and_excluded_in_a_bench_run(bench, monkeypatch):
         "buffers too": _fake_impl(bench, wl, us.DECAY, buffers=True),
     }
     specs = [us.Spec("peer", k, lambda wl, k=k: impls[k]) for k in impls]
-    args = argparse.Namespace(
-        device="cpu",
-        warmup=3,
-        compile_budget_s=0,
-        max_update_ms=3000.0,
-        min_rep_ms=20.0,
-        max_inner=200,
-        reps=4,
-        seed=0,
-    )
+    args = _bench_args(reps=4)
     rows = dict(zip(impls, us.bench_workload(wl, specs, args, 1e10), strict=True))
     assert rows["right"]["eligible"] and rows["right"]["check_summary"] == "ok"
     assert not rows["warm-up"]["eligible"] and rows["warm-up"]["same_set"]
@@ -544,16 +549,7 @@ def test_every_implementation_gets_the_same_calls_per_rep(bench, monkeypatch):
 
     monkeypatch.setattr(us, "time_calls", fake_time_calls)
     specs = [us.Spec("fake", f"k{i}", lambda wl, d=d: impls[d]) for i, d in enumerate(speeds)]
-    args = argparse.Namespace(
-        device="cpu",
-        warmup=3,
-        compile_budget_s=0,
-        max_update_ms=3000.0,
-        min_rep_ms=20.0,
-        max_inner=200,
-        reps=8,
-        seed=0,
-    )
+    args = _bench_args(reps=8)
     rows = us.bench_workload(wl, specs, args, 1e10)
     assert [r["inner"] for r in rows] == [20, 20, 20]
     assert {inner for fn, inner in timed if inner > 1} == {20}

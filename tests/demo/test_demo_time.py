@@ -48,12 +48,12 @@ def test_git_state_clean_dirty_and_own_results(demo_time, tmp_path: Path) -> Non
     assert demo_time.git_state(tmp_path)["dirty"] is False  # the benchmark's own output
 
     (tmp_path / "notes.txt").write_text("")  # any other untracked file counts
-    assert demo_time.git_state(tmp_path)["dirty_entries"] == ["?? notes.txt"]
+    assert demo_time.git_state(tmp_path)["dirty_entries"] == ["notes.txt"]
     (tmp_path / "notes.txt").unlink()
 
     (tmp_path / "src" / "a.py").write_text("x = 2\n")  # an edit outside src/ would count too
     state = demo_time.git_state(tmp_path)
-    assert state == {"commit": head, "dirty": True, "dirty_entries": [" M src/a.py"]}
+    assert state == {"commit": head, "dirty": True, "dirty_entries": ["src/a.py"]}
 
 
 def test_git_state_outside_a_checkout(demo_time, tmp_path: Path) -> None:
