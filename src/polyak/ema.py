@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from polyak import _kernels, schedules
-from polyak._tracking import Watch, dtype_name, named_pairs, named_tensors, unwrap
+from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import Exponential
 from polyak.bn import BatchNormMonitor
 from polyak.io import save_safetensors
@@ -35,7 +35,6 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # (then every 1000th); counted in averaging updates so that update_every=k cannot skip them
 _BN_CHECKS = frozenset({1, 10, 100})
 
-Include = Callable[[str, torch.Tensor], bool]
 DecayLike = float | Callable[[int], Any]
 
 
