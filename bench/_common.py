@@ -117,7 +117,36 @@ def machine_info(device: str) -> dict[str, Any]:
         info["gpu_memory_gib"] = round(props.total_memory / 2**30, 1)
         info["gpu_count"] = torch.cuda.device_count()
         info["cudnn"] = torch.backends.cudnn.version()
+        info["driver"] = _nvidia_driver()
+    info["triton"] = _version_of("triton")
     return info
+
+
+def _version_of(package: str) -> str | None:
+    """The installed version of ``package``, or ``None`` where it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver version as ``nvidia-smi`` reports it, or ``None`` where it cannot run."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
 
 
 def cache_bytes(device: str | torch.device) -> int | None:

@@ -26,7 +26,10 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src:build/bench_peers${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 day=$(date -u +%F)
-part=${1:?usage: bash bench/gpu_checks.sh tests|large|native|small|tiny|train|offload}
+part=${1:?usage: bash bench/gpu_checks.sh tests|large|native|small|tiny|train|offload [extra options]}
+shift
+# anything after the part goes to the part's command (pytest or update_speed.py), e.g.
+#     bash bench/gpu_checks.sh large --compile-budget-s 60 --reps 20
 limit=${GPU_PART_LIMIT_S:-540}
 # results go straight to $OUT when set: a device call cut short still returns what was written
 dest=${OUT:-bench/results}
@@ -35,14 +38,17 @@ speed() {
     local name=$1
     shift
     bounded $PY bench/update_speed.py --device cuda "$@" \
-        --out "$dest/update_speed_cuda_${day}_${name}.json"
+        --out "$dest/update_speed_cuda_${day}_${name}.json" "${extra[@]}"
 }
+extra=("$@")
 
 case "$part" in
     tests)
-        bounded $PY -m pytest -q -p no:logging -p no:cacheprovider tests/test_ema_modes.py \
+        # every test file that holds CUDA tests (grep -l cuda tests), the CPU tests in them too
+        bounded $PY -m pytest -q -rfEs -p no:cacheprovider "${extra[@]}" tests/test_ema_modes.py \
             tests/test_kernels.py tests/test_triton.py tests/test_tf.py tests/test_ema.py \
-            2>&1 | tee "$dest/gpu_tests_$day.log"
+            tests/test_tracking.py tests/test_ema_contract.py tests/test_bn.py \
+            tests/demo/test_train.py 2>&1 | tee "$dest/gpu_tests_$day.log"
         ;;
     large) speed large --workloads transformer bf16 ;;
     native) speed native --workloads bf16_native ;;
