@@ -100,8 +100,9 @@ def test_triton_stays_within_1e6_over_1000_updates():
 
 def test_unaligned_views_take_the_unvectorised_path():
     """Tensors at odd offsets into a buffer (as in flat parameter buffers) update correctly."""
-    buffer = torch.randn(1 + 5000 + 3, generator=torch.Generator().manual_seed(3))
-    sources = on_device([buffer[1:5001], buffer[5001:]])  # 4- and 20004-byte offsets
+    # the views are taken on the device: moving views there would copy them into aligned tensors
+    (buffer,) = on_device([torch.randn(1 + 5000 + 3, generator=torch.Generator().manual_seed(3))])
+    sources = [buffer[1:5001], buffer[5001:]]  # 4- and 20004-byte offsets
     shadows = on_device([torch.zeros(5000), torch.zeros(3)])
     update = _kernels.build("triton", shadows, sources)
     assert not update.groups[0].aligned
@@ -281,8 +282,9 @@ def test_capturable_triton_equals_eager_reference(every):
 
 
 def test_clear_errors():
+    shadow, source = on_device([torch.zeros(3, 4), torch.zeros(4, 3)])
     with pytest.raises(ValueError, match="dense and laid out like its shadow"):
-        _kernels.build("triton", [torch.zeros(3, 4)], [torch.zeros(4, 3).t()])
+        _kernels.build("triton", [shadow], [source.t()])
     old = os.environ.pop("TRITON_INTERPRET", None)
     try:
         if not CUDA:
