@@ -44,7 +44,11 @@ extra=("$@")
 
 case "$part" in
     tests)
-        # every test file that holds CUDA tests (grep -l cuda tests), the CPU tests in them too
+        # every test file that holds CUDA tests (grep -l cuda tests), the CPU tests in them too.
+        # Each failure's traceback goes to the failures file as it happens (tests/conftest.py), so
+        # a call cut at its limit keeps them; one inductor compile thread per process, since with
+        # pytest -n N each of N workers would otherwise start a pool of one per core.
+        export POLYAK_TEST_LOG="$dest/gpu_tests_failures_$day.txt" TORCHINDUCTOR_COMPILE_THREADS=1
         bounded $PY -m pytest -q -rfEs -p no:cacheprovider "${extra[@]}" tests/test_ema_modes.py \
             tests/test_kernels.py tests/test_triton.py tests/test_tf.py tests/test_ema.py \
             tests/test_tracking.py tests/test_ema_contract.py tests/test_bn.py \
