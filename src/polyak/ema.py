@@ -144,7 +144,10 @@ class EMA:
             with ``requires_grad=False`` are never tracked: they keep no shadow, and exports take
             them from the live model.
         kernel: ``"auto"``, ``"fused"``, ``"triton"``, ``"foreach"`` or ``"reference"`` (see
-            :mod:`polyak._kernels`); ``repr(ema)`` shows the one chosen.
+            :mod:`polyak._kernels`); ``repr(ema)`` shows the one chosen. ``auto`` takes ``triton``
+            for CUDA shadows where it is installed and fits, else ``foreach`` (``fused`` for
+            stochastic rounding and capturable bf16/fp16 shadows off CUDA), and chooses again when
+            ``ema.to(device)`` moves the shadows (:func:`polyak._kernels.auto_kernel`).
         rounding: ``"nearest"``, or ``"stochastic"`` for bf16 shadows
             (``shadow_dtype=torch.bfloat16``): half the memory of fp32 shadows, and tiny updates
             still accumulate in expectation. ``seed`` seeds its private random stream (the global
@@ -289,12 +292,8 @@ class EMA:
                     f"{dtype_name(self._shadows[wrong[0]].dtype)} shadows; pass "
                     f"shadow_dtype=torch.bfloat16."
                 )
-        self.kernel = _kernels.choose(
-            kernel,
-            [self._shadows[n] for n in self._averaged],
-            rounding=rounding,
-            capturable=capturable,
-        )
+        self._kernel_request = kernel
+        self.kernel = self._choose_kernel()
         if capturable:
             device = self._live[next(iter(self._live))].device
             self._step_t = torch.zeros((), dtype=torch.int64, device=device)
@@ -326,6 +325,16 @@ class EMA:
             return shadow.cpu().pin_memory() if tensor.is_cuda else shadow.cpu()
         return shadow
 
+    def _choose_kernel(self) -> str:
+        """The kernel asked for, checked, or ``auto``'s pick for the shadows where they are now."""
+        return _kernels.choose(
+            self._kernel_request,
+            [self._shadows[n] for n in self._averaged],
+            rounding=self.rounding,
+            capturable=self.capturable,
+            sources=[self._live[n] for n in self._averaged],
+        )
+
     def _plan(self, watch: bool = True) -> None:
         """Build the engine (kernel plans and execution policy), the watch over the model's
         tensors and the BatchNorm monitor; at init and whenever shadows or tensors move.
@@ -335,6 +344,8 @@ class EMA:
         """
         counter = self._rng_counter()
         policy = "offload" if self.offload else ("side" if self.stream else "inline")
+        if self._kernel_request == "auto":  # moved shadows (ema.to) may call for another kernel
+            self.kernel = self._choose_kernel()
         self._warm = False  # whether the new plan ran once (it compiles then): not in a capture
         self._engine = _kernels.Engine(
             _kernels.builder(self.kernel, rounding=self.rounding, seed=self.seed),
