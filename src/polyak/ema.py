@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from polyak import _kernels, schedules
+from polyak._kernels._engine import Policy
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import Exponential
 from polyak.bn import BatchNormMonitor
@@ -299,7 +300,7 @@ class EMA:
             self._step_t = torch.zeros((), dtype=torch.int64, device=device)
             self._num_t = torch.zeros((), dtype=torch.int64, device=device)
             self._covered = _covered_offsets(update_every, device)
-        self._engine: _kernels.Engine | None = None
+        self._engine: Policy | None = None
         self._plan()
 
         self._state: Literal["swapped", "stored"] | None = None

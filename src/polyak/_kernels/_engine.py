@@ -1,15 +1,15 @@
 """Where and when an update runs: inline, on a side CUDA stream, or offloaded to the host.
 
-The engine owns the two planned updates of an EMA (averaged tensors, copied tensors) and the
-execution policy chosen at construction:
+An engine owns the two planned updates of an EMA (averaged tensors, copied tensors) and runs them
+under one execution policy, each a class of its own (:func:`Engine` picks one by name):
 
-- ``inline``: on the caller's stream, in order with everything else.
-- ``side``: on a side CUDA stream that first waits for the caller's stream (so it sees the weights
+- ``inline`` (:class:`Inline`): on the caller's stream, in order with everything else.
+- ``side`` (:class:`SideStream`): on a side CUDA stream that first waits for the caller's stream (so it sees the weights
   the optimizer just wrote), overlapping the next forward pass. An event marks its end; before any
   ``optimizer.step()`` (a global optimizer pre-hook) and before any read of the shadows, the
   caller's stream waits on that event, so no weight is written while the update still reads it and
   no shadow is read mid-update. No host synchronisation anywhere.
-- ``offload``: shadows in (pinned) host memory. The weights are copied device-to-host into pinned
+- ``offload`` (:class:`Offload`): shadows in (pinned) host memory. The weights are copied device-to-host into pinned
   staging buffers on a side stream, and a worker thread waits for that copy and runs the CPU
   multi-tensor update. At most one update is in flight: the next call first waits for the previous
   one (bounded staleness), and reads of the shadows wait too.
@@ -21,6 +21,10 @@ still be reading them. So under ``side`` and ``offload`` every tracked tensor th
 device snapshot that the side stream reads (``side``), or straight into its pinned staging buffer
 (``offload``). Buffers are small (BatchNorm's are ~0.1% of a ResNet's weights); a plain tensor
 passed as a ``(name, tensor)`` pair costs a snapshot of its size.
+
+``run(weights, gate=None)`` hands the kernel's ``lerp_`` its weights (one per slot, or one weight)
+and an optional device gate (a 0-dim bool tensor: true skips the update), read where the update
+runs: on the side stream after it waited for the caller's, or staged to the host with the weights.
 """
 
 from __future__ import annotations
@@ -42,112 +46,158 @@ def _optimizer_owned(tensor: torch.Tensor) -> bool:
     return isinstance(tensor, torch.nn.Parameter)
 
 
-class Engine:
-    """Runs ``avg.lerp_(w)`` and ``copy.copy_()`` under one execution policy."""
+Planner = Callable[[list[torch.Tensor], list[torch.Tensor]], Update]
+Pairs = tuple[list[torch.Tensor], list[torch.Tensor]]
+Weights = Any  # float | Tensor | Sequence[float | Tensor]: one per slot (see Update.lerp_)
 
-    def __init__(
-        self,
-        build_avg: Callable[[list[torch.Tensor], list[torch.Tensor]], Update],
-        build_copy: Callable[[list[torch.Tensor], list[torch.Tensor]], Update],
-        avg: tuple[list[torch.Tensor], list[torch.Tensor]],
-        copy: tuple[list[torch.Tensor], list[torch.Tensor]],
-        policy: str = "inline",
-    ) -> None:
-        if policy not in POLICIES:
-            raise ValueError(f"unknown execution policy {policy!r}; expected one of {POLICIES}.")
-        self.policy = policy
-        self._event: Any = None
-        self._future: Future[None] | None = None
-        self._hook: Any = None
-        self.snap_dst: list[torch.Tensor] = []
-        self.snap_src: list[torch.Tensor] = []
-        if policy == "inline":
-            self.avg, self.copy = build_avg(*avg), build_copy(*copy)
-            return
-        sources = avg[1] + copy[1]
-        cuda = bool(sources) and all(t.is_cuda for t in sources)
-        if policy == "side":
-            if not cuda:
-                raise ValueError(
-                    "stream='side' needs the tracked tensors on a CUDA device; on the CPU leave "
-                    "stream=None (the update runs inline)."
-                )
-            self.stream = torch.cuda.Stream(device=sources[0].device)
-            self._event = torch.cuda.Event()
-            self.snap_src = [t for t in sources if not _optimizer_owned(t)]
-            self.snap_dst = [torch.empty_like(t) for t in self.snap_src]
-            read = {id(t): s for t, s in zip(self.snap_src, self.snap_dst, strict=True)}
-            avg = (avg[0], [read.get(id(t), t) for t in avg[1]])
-            copy = (copy[0], [read.get(id(t), t) for t in copy[1]])
-            self.avg, self.copy = build_avg(*avg), build_copy(*copy)
-        else:  # offload: shadows live on the host; sources are staged into pinned host buffers
-            self.stream = torch.cuda.Stream(device=sources[0].device) if cuda else None
-            self._event = torch.cuda.Event() if cuda else None
-            staged = [
-                torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda) for t in sources
-            ]
-            self.sources, self.staging = [], []
-            for source, stage in zip(sources, staged, strict=True):
-                owned = _optimizer_owned(source) or not cuda
-                (self.sources if owned else self.snap_src).append(source)
-                (self.staging if owned else self.snap_dst).append(stage)
-            n = len(avg[1])
-            self.avg, self.copy = build_avg(avg[0], staged[:n]), build_copy(copy[0], staged[n:])
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyak-offload")
-        if self._event is not None:
-            # before any optimizer.step(): the caller's stream waits until the update has read
-            # the weights (a device-side wait, not a host sync)
-            ref = weakref.ref(self)
 
-            def wait_before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
-                engine = ref()
-                # the hook is global: a step being captured (another model's) cannot wait on an
-                # event recorded outside its graph, and an eager update never runs inside one
-                if engine is not None and not torch.cuda.is_current_stream_capturing():
-                    engine.wait_device()
+def _lerp(update: Update, weights: Weights, gate: torch.Tensor | None) -> None:
+    if gate is None:
+        update.lerp_(weights)
+    else:
+        update.lerp_(weights, gate)  # type: ignore[call-arg]
 
-            self._hook = torch.optim.optimizer.register_optimizer_step_pre_hook(wait_before_step)
-            weakref.finalize(self, self._hook.remove)
 
-    def run(self, weight: float | torch.Tensor) -> None:
-        """One averaging update with lerp weight ``weight`` (= 1 - decay)."""
-        if self.policy == "inline":
-            self.avg.lerp_(weight)
-            self.copy.copy_()
-        elif self.policy == "side":
-            if self.snap_src:  # once the previous update has read the last snapshot
-                self.wait_device()
-                torch._foreach_copy_(self.snap_dst, self.snap_src)
-            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-            with torch.cuda.stream(self.stream):
-                self.avg.lerp_(weight)
-                self.copy.copy_()
-            self._event.record(self.stream)
-        else:
-            self.wait_host()  # bounded staleness: one update in flight at most
-            if self.stream is not None:
-                if self.snap_src:  # buffers: on the caller's stream, before the next forward
-                    torch._foreach_copy_(self.snap_dst, self.snap_src, non_blocking=True)
-                self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-                if self.sources:
-                    with torch.cuda.stream(self.stream):
-                        torch._foreach_copy_(self.staging, self.sources, non_blocking=True)
-                self._event.record(self.stream)
-            else:  # CPU sources: stage synchronously so the optimizer cannot race the worker
-                torch._foreach_copy_(self.staging, self.sources)
-            self._future = self._pool.submit(self._host_update, weight)
+class Inline:
+    """The update on the caller's stream, in order with everything else."""
 
-    def _host_update(self, weight: float | torch.Tensor) -> None:
-        if self._event is not None:
-            self._event.synchronize()  # on the worker thread: the caller never blocks here
-        with torch.no_grad():
-            self.avg.lerp_(weight)
-            self.copy.copy_()
+    policy = "inline"
+
+    def __init__(self, build_avg: Planner, build_copy: Planner, avg: Pairs, copy: Pairs) -> None:
+        self.avg, self.copy = build_avg(*avg), build_copy(*copy)
+
+    def run(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
+        """One averaging update with lerp weight(s) ``weights`` (= 1 - decay)."""
+        _lerp(self.avg, weights, gate)
+        self.copy.copy_()
+
+    def wait(self) -> None:
+        """Before reading or writing the shadows: nothing to wait for inline."""
+
+
+class _WaitsBeforeStep:
+    """A global optimizer pre-hook: before any ``optimizer.step()``, the caller's stream waits
+    until the last update has read the weights (a device-side wait, not a host sync)."""
+
+    stream: Any
+    _event: Any
+
+    def _hook_optimizer_steps(self) -> None:
+        ref = weakref.ref(self)
+
+        def wait_before_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+            engine = ref()
+            # the hook is global: a step being captured (another model's) cannot wait on an
+            # event recorded outside its graph, and an eager update never runs inside one
+            if engine is not None and not torch.cuda.is_current_stream_capturing():
+                engine.wait_device()
+
+        self._hook = torch.optim.optimizer.register_optimizer_step_pre_hook(wait_before_step)
+        weakref.finalize(self, self._hook.remove)
 
     def wait_device(self) -> None:
         """Make the caller's stream wait for the last update's reads (no host sync)."""
         if self._event is not None:
             torch.cuda.current_stream(self.stream.device).wait_event(self._event)
+
+
+class SideStream(_WaitsBeforeStep):
+    """The update on a side CUDA stream that waits for the caller's stream; buffers snapshotted."""
+
+    policy = "side"
+
+    def __init__(self, build_avg: Planner, build_copy: Planner, avg: Pairs, copy: Pairs) -> None:
+        sources = avg[1] + copy[1]
+        if not (sources and all(t.is_cuda for t in sources)):
+            raise ValueError(
+                "stream='side' needs the tracked tensors on a CUDA device; on the CPU leave "
+                "stream=None (the update runs inline)."
+            )
+        self.stream = torch.cuda.Stream(device=sources[0].device)
+        self._event = torch.cuda.Event()
+        self.snap_src = [t for t in sources if not _optimizer_owned(t)]
+        self.snap_dst = [torch.empty_like(t) for t in self.snap_src]
+        read = {id(t): s for t, s in zip(self.snap_src, self.snap_dst, strict=True)}
+        avg = (avg[0], [read.get(id(t), t) for t in avg[1]])
+        copy = (copy[0], [read.get(id(t), t) for t in copy[1]])
+        self.avg, self.copy = build_avg(*avg), build_copy(*copy)
+        self._hook_optimizer_steps()
+
+    def run(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
+        if self.snap_src:  # once the previous update has read the last snapshot
+            self.wait_device()
+            torch._foreach_copy_(self.snap_dst, self.snap_src)
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            _lerp(self.avg, weights, gate)
+            self.copy.copy_()
+        self._event.record(self.stream)
+
+    def wait(self) -> None:
+        """Before reading or writing the shadows: the caller's stream waits for the update."""
+        self.wait_device()
+
+
+class Offload(_WaitsBeforeStep):
+    """Shadows on the host: sources staged into pinned buffers, the update on a worker thread."""
+
+    policy = "offload"
+
+    def __init__(self, build_avg: Planner, build_copy: Planner, avg: Pairs, copy: Pairs) -> None:
+        sources = avg[1] + copy[1]
+        cuda = bool(sources) and all(t.is_cuda for t in sources)
+        self.stream = torch.cuda.Stream(device=sources[0].device) if cuda else None
+        self._event = torch.cuda.Event() if cuda else None
+        staged = [
+            torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda) for t in sources
+        ]
+        self.sources: list[torch.Tensor] = []
+        self.staging: list[torch.Tensor] = []
+        self.snap_src: list[torch.Tensor] = []
+        self.snap_dst: list[torch.Tensor] = []
+        for source, stage in zip(sources, staged, strict=True):
+            owned = _optimizer_owned(source) or not cuda
+            (self.sources if owned else self.snap_src).append(source)
+            (self.staging if owned else self.snap_dst).append(stage)
+        n = len(avg[1])
+        self.avg, self.copy = build_avg(avg[0], staged[:n]), build_copy(copy[0], staged[n:])
+        self._gate: torch.Tensor | None = None  # the gate's host copy, made at the first gate
+        self._future: Future[None] | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyak-offload")
+        if self._event is not None:
+            self._hook_optimizer_steps()
+
+    def _staged_gate(self, gate: torch.Tensor | None) -> torch.Tensor | None:
+        """The gate as the host update will read it: a pinned copy staged with the weights."""
+        if gate is None or not gate.is_cuda:
+            return gate
+        if self._gate is None:
+            self._gate = torch.empty((), dtype=gate.dtype, device="cpu", pin_memory=True)
+        return self._gate
+
+    def run(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
+        self.wait_host()  # bounded staleness: one update in flight at most
+        host_gate = self._staged_gate(gate)
+        if self.stream is not None:
+            if self.snap_src:  # buffers: on the caller's stream, before the next forward
+                torch._foreach_copy_(self.snap_dst, self.snap_src, non_blocking=True)
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+            with torch.cuda.stream(self.stream):
+                if self.sources:
+                    torch._foreach_copy_(self.staging, self.sources, non_blocking=True)
+                if host_gate is not gate:
+                    host_gate.copy_(gate, non_blocking=True)  # type: ignore[union-attr]
+            self._event.record(self.stream)
+        else:  # CPU sources: stage synchronously so the optimizer cannot race the worker
+            torch._foreach_copy_(self.staging, self.sources)
+        self._future = self._pool.submit(self._host_update, weights, host_gate)
+
+    def _host_update(self, weights: Weights, gate: torch.Tensor | None) -> None:
+        if self._event is not None:
+            self._event.synchronize()  # on the worker thread: the caller never blocks here
+        with torch.no_grad():
+            _lerp(self.avg, weights, gate)
+            self.copy.copy_()
 
     def wait_host(self) -> None:
         """Block until an offloaded update has finished (and re-raise its error, if any)."""
@@ -157,7 +207,26 @@ class Engine:
 
     def wait(self) -> None:
         """Before reading or writing the shadows: nothing may still be updating them."""
-        if self.policy == "side":
-            self.wait_device()
-        elif self.policy == "offload":
-            self.wait_host()
+        self.wait_host()
+
+
+Policy = Inline | SideStream | Offload
+_POLICY_CLASSES: dict[str, type[Policy]] = {
+    "inline": Inline,
+    "side": SideStream,
+    "offload": Offload,
+}
+
+
+def Engine(
+    build_avg: Planner,
+    build_copy: Planner,
+    avg: Pairs,
+    copy: Pairs,
+    policy: str = "inline",
+) -> Policy:
+    """Plan the averaged and copied updates under the named execution policy (a factory keeping
+    the name callers used when the engine was one class)."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown execution policy {policy!r}; expected one of {POLICIES}.")
+    return _POLICY_CLASSES[policy](build_avg, build_copy, avg, copy)
