@@ -1,0 +1,170 @@
+"""Where the averages live: one shadow per (slot, name), made and kept by one dtype policy.
+
+A rule keeps one or more averages of the same weights (slots: ``("ema",)`` for an EMA, two power
+EMAs for post-hoc EMA). Averaged tensors get a shadow per slot; copied tensors (integer buffers such
+as ``num_batches_tracked``) are the same in every slot, so they get one shadow, shared.
+
+The dtype policy: copied tensors keep their dtype; averaged ones take ``shadow_dtype`` where given,
+else their own, except bf16/fp16, which get fp32 (a bf16 shadow cannot move by less than half an
+ulp, 2**-9 of its value, so a slow average stalls). Offloaded shadows live in host memory, pinned
+when their tensor is on CUDA.
+
+A DTensor parameter (FSDP2) gets a DTensor shadow with its placements, which is what users read;
+the kernels get :meth:`ShadowStore.local` views (the local shard), so an update never dispatches
+through DTensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor a kernel works on: a DTensor's local shard (same storage), else the tensor."""
+    to_local = getattr(tensor, "to_local", None)
+    return to_local() if to_local is not None else tensor
+
+
+class ShadowStore:
+    """Shadows keyed by (slot, name) for ``tracked`` = ordered ``(name, tensor, kind)``."""
+
+    def __init__(
+        self,
+        tracked: Sequence[tuple[str, torch.Tensor, str]],
+        slots: Sequence[str] = ("ema",),
+        *,
+        shadow_dtype: torch.dtype | None = None,
+        offload: str | None = None,
+    ) -> None:
+        if not slots or len(set(slots)) != len(slots):
+            raise ValueError(
+                f"slots must be distinct names, at least one, got {list(slots)!r}; e.g. ('ema',)."
+            )
+        self.slots = tuple(slots)
+        self.shadow_dtype = shadow_dtype
+        self.offload = offload
+        self.averaged: list[str] = []
+        self.copied: list[str] = []
+        self._shadows: dict[str, dict[str, torch.Tensor]] = {slot: {} for slot in self.slots}
+        self._copies: dict[str, torch.Tensor] = {}
+        for name, tensor, kind in tracked:
+            if kind == "average":
+                self.averaged.append(name)
+                for slot in self.slots:
+                    self._shadows[slot][name] = self.make(tensor, kind)
+            elif kind == "copy":
+                self.copied.append(name)
+                self._copies[name] = self.make(tensor, kind)
+            else:
+                raise ValueError(f"kind must be 'average' or 'copy', got {kind!r} for {name!r}.")
+
+    # ------------------------------------------------------------------ the dtype policy
+
+    def dtype_for(self, tensor: torch.Tensor, kind: str) -> torch.dtype:
+        """Copied tensors keep their dtype; averaged ones take ``shadow_dtype``, else their own,
+        with fp32 for bf16/fp16."""
+        if kind != "average":
+            return tensor.dtype
+        if self.shadow_dtype is not None:
+            return self.shadow_dtype
+        return torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
+
+    def placed(self, shadow: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+        """``shadow`` where it lives: beside its tensor, or in (pinned) host memory if offloaded."""
+        if self.offload == "cpu":
+            return shadow.cpu().pin_memory() if tensor.is_cuda else shadow.cpu()
+        return shadow
+
+    def make(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
+        """A new shadow of ``tensor``: its value, in the policy's dtype, where shadows live."""
+        shadow = tensor.detach().to(dtype=self.dtype_for(tensor, kind), copy=True)
+        return self.placed(shadow, tensor)
+
+    # ------------------------------------------------------------------ reading
+
+    def kind(self, name: str) -> str | None:
+        if name in self._copies:
+            return "copy"
+        return "average" if name in self._shadows[self.slots[0]] else None
+
+    def get(self, name: str, slot: str | None = None) -> torch.Tensor | None:
+        """The shadow of ``name`` in ``slot`` (the first slot by default; copies are shared)."""
+        if name in self._copies:
+            return self._copies[name]
+        return self._shadows[self._slot(slot)].get(name)
+
+    def names(self) -> list[str]:
+        """Every tracked name, averaged first, then copied (the kernels' order)."""
+        return self.averaged + self.copied
+
+    def items(self, slot: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, shadow)`` of one slot, copied tensors included."""
+        shadows = self._shadows[self._slot(slot)]
+        for name in self.averaged:
+            yield name, shadows[name]
+        for name in self.copied:
+            yield name, self._copies[name]
+
+    def all(self) -> Iterator[torch.Tensor]:
+        """Every shadow once: each slot's averaged shadows, then the shared copies."""
+        for slot in self.slots:
+            yield from self._shadows[slot].values()
+        yield from self._copies.values()
+
+    def slot_lists(self) -> list[list[torch.Tensor]]:
+        """Per slot, the averaged shadows as the kernels take them (local shards)."""
+        return [[local(self._shadows[s][n]) for n in self.averaged] for s in self.slots]
+
+    def copy_list(self) -> list[torch.Tensor]:
+        """The copied shadows as the kernels take them (local shards)."""
+        return [local(self._copies[n]) for n in self.copied]
+
+    # ------------------------------------------------------------------ changing
+
+    def recast(self, name: str, tensor: torch.Tensor) -> None:
+        """Re-cast ``name``'s shadows by the policy for ``tensor`` (a tensor that changed dtype),
+        keeping the shadow objects: callers of ``average(name)`` hold them."""
+        kind = self.kind(name)
+        if kind is None:
+            raise KeyError(name)
+        dtype = self.dtype_for(tensor, kind)
+        for shadow in self._of(name):
+            if shadow.dtype != dtype:
+                shadow.data = self.placed(shadow.data.to(dtype), tensor)
+
+    def to(self, device: torch.device | str) -> None:
+        """Move every shadow to ``device``, keeping the objects where the tensor type allows."""
+        for table in (*self._shadows.values(), self._copies):
+            for name, shadow in table.items():
+                moved = shadow.data.to(device)
+                if torch._has_compatible_shallow_copy_type(shadow, moved):
+                    shadow.data = moved
+                else:  # e.g. to or from "meta": a new tensor type
+                    table[name] = moved
+
+    # ------------------------------------------------------------------ helpers
+
+    def _slot(self, slot: str | None) -> str:
+        if slot is None:
+            return self.slots[0]
+        if slot not in self._shadows:
+            raise KeyError(f"no slot {slot!r}; this average keeps the slots {list(self.slots)}.")
+        return slot
+
+    def _of(self, name: str) -> list[torch.Tensor]:
+        if name in self._copies:
+            return [self._copies[name]]
+        return [self._shadows[slot][name] for slot in self.slots]
+
+    def __repr__(self) -> str:
+        info: dict[str, Any] = {
+            "slots": list(self.slots),
+            "averaged": len(self.averaged),
+            "copied": len(self.copied),
+        }
+        return f"ShadowStore({info})"
