@@ -1,16 +1,19 @@
-"""polyak.averagers: the exponential rule's weights against closed forms worked out by hand."""
+"""polyak.averagers: rules' weights against closed forms worked out by hand, the host and device
+evaluations of the one definition against each other, rule state, and EMA(model, rule=...)."""
 
 from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 
 import pytest
-from hypothesis import given
+import torch
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from polyak import schedules
-from polyak.averagers import Exponential, Rule
+from polyak.averagers import HOST, DeviceOps, Exponential, Rule, Uniform
 
 
 def test_constant_decay_weight_is_one_minus_d():
@@ -67,3 +70,200 @@ def test_exponential_is_a_rule():
     assert callable(rule.weight)
     with pytest.raises(AttributeError):  # frozen: a rule holds no mutable state
         rule.decay = schedules.constant(0.5)  # type: ignore[misc]
+
+
+# ------------------------------------------------ one definition: host weights == device weights
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def device_weights(rule, every, steps, device):
+    """The rule's weights at steps ``every, 2 every, ...`` up to ``steps`` (the averaging updates),
+    evaluated as a capturable EMA does: DeviceOps on int64 step tensors, advanced every step."""
+    ops = DeviceOps(torch.arange(every - 1, -1, -1, device=device))
+    step = torch.zeros((), dtype=torch.int64, device=device)
+    out = []
+    for _ in range(steps):
+        step.add_(1)
+        weights = rule.weights(step - (every - 1), step, ops)
+        assert all(w.dtype == torch.float64 and w.shape == () for w in weights)
+        assert all(bool(torch.isfinite(w)) for w in weights)  # off-steps included
+        due = (step % every) == 0
+        if bool(due):
+            out.append(tuple(float(w) for w in weights))
+        rule.advance(due, ops)
+    return out
+
+
+def host_weights(rule, every, steps):
+    out = []
+    for last in range(every, steps + 1, every):
+        out.append(rule.weights(last - every + 1, last))
+        rule.advance(True)
+    return out
+
+
+# correctly rounded arithmetic only (+ - * / min): the device gives the host's bits on any device
+EXACT = {
+    "constant": schedules.constant(0.9),
+    "half_life": schedules.half_life(steps=7),
+    "tf_warmup": schedules.tf_warmup(0.99),
+    "tf_warmup_capped": schedules.tf_warmup(0.6),  # reaches its cap 0.6 at step 14
+}
+# ``**``: the device's pow and the C library's may differ by an ulp
+POW = {
+    "power": schedules.power(sigma_rel=0.1),
+    "inverse_gamma": schedules.inverse_gamma(power=0.75, max_decay=0.999),
+    "scaled": schedules.scaled(schedules.tf_warmup(0.95), 2.5),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("every", [1, 3, 12])
+@pytest.mark.parametrize("name", list(EXACT))
+def test_exponential_host_and_device_weights_are_the_same_bits(name, every, device):
+    rule = Exponential(EXACT[name])
+    host = host_weights(rule, every, 60)
+    assert device_weights(rule, every, 60, device) == host
+    assert all(type(w) is float for (w,) in host)  # the host path makes no tensor
+    # and both are the closed form: 1 - prod(d(n)) over the covered steps, in exact fractions
+    for i, (w,) in enumerate(host):
+        last = (i + 1) * every
+        product = math.prod(closed_form_decay(name, n) for n in range(last - every + 1, last + 1))
+        assert w == pytest.approx(float(1 - product), rel=1e-13, abs=1e-16)
+
+
+def closed_form_decay(name, n):
+    if name == "constant":
+        return Fraction(9, 10)
+    if name == "half_life":
+        return 0.5 ** (1 / 7)
+    cap = Fraction(99, 100) if name == "tf_warmup" else Fraction(6, 10)
+    return min(Fraction(1 + n, 10 + n), cap)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("every", [1, 4])
+@pytest.mark.parametrize("name", list(POW))
+def test_exponential_host_and_device_weights_agree_to_an_ulp_with_pow(name, every, device):
+    rule = Exponential(POW[name])
+    host = host_weights(rule, every, 40)
+    device_ = device_weights(rule, every, 40, device)
+    assert len(device_) == len(host) == 40 // every
+    for (h,), (d,) in zip(host, device_, strict=True):
+        assert abs(h - d) <= 4 * every * 2.0**-53  # |D| <= 1: a few ulps of each decay
+
+
+@settings(max_examples=30, deadline=None)
+@given(d=st.floats(0, 1), every=st.integers(1, 16), updates=st.integers(1, 4))
+def test_constant_decay_device_weight_is_the_host_weight(d, every, updates):
+    rule = Exponential(schedules.constant(d))
+    steps = every * updates
+    assert device_weights(rule, every, steps, "cpu") == host_weights(rule, every, steps)
+
+
+def test_device_weights_off_the_averaging_steps_stay_finite():
+    """A capturable EMA evaluates the weights at every call; covered steps that are not steps yet
+    (n <= 0, where tf_warmup divides by zero at n = -10) are evaluated at 1."""
+    rule = Exponential(schedules.tf_warmup(0.95))
+    ops = DeviceOps(torch.arange(11, -1, -1))  # update_every = 12
+    (w,) = rule.weights(torch.tensor(-10), torch.tensor(1), ops)
+    assert float(w) == 1 - (2 / 11) ** 12  # twelve times step 1
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("every", [1, 5])
+def test_uniform_weights_are_one_over_n_plus_one_on_host_and_device(every, device):
+    host_rule, device_rule = Uniform(), Uniform()
+    device_rule.map_state(lambda v: torch.tensor(v, device=device))
+    host = host_weights(host_rule, every, 50 * every)
+    assert host == [(1 / (n + 1),) for n in range(50)]  # the closed form, exactly
+    assert device_weights(device_rule, every, 50 * every, device) == host
+    assert host_rule.count == 50 and type(host_rule.count) is int
+    assert int(device_rule.count) == 50  # advanced only where due, in place
+    assert device_rule.count.device.type == device
+
+
+# ------------------------------------------------------------------ state as data
+
+
+def test_uniform_count_round_trips_through_its_state_dict():
+    rule = Uniform()
+    for _ in range(3):
+        rule.advance(True)
+    state = rule.state_dict()
+    assert state == {"count": 3}
+    resumed = Uniform()
+    resumed.load_state_dict(state)
+    assert resumed.weights(1, 1) == (1 / 4,)
+    assert repr(resumed) == "Uniform(count=3)"
+
+
+def test_uniform_state_moves_between_host_and_device_counts():
+    """A capturable EMA's rule holds a device tensor: its state loads into a host rule as an int,
+    and an int loads into the device counter in place (a captured graph keeps reading it)."""
+    on_device = Uniform()
+    on_device.map_state(lambda v: torch.tensor(v))
+    counter = on_device.count
+    on_device.load_state_dict({"count": 7})
+    assert on_device.count is counter and int(counter) == 7
+    host = Uniform()
+    host.load_state_dict(on_device.state_dict())
+    assert host.count == 7 and type(host.count) is int
+
+
+@pytest.mark.parametrize(
+    "bad", [-1, 1.5, True, "3", None, torch.tensor(2.0), torch.tensor(True), torch.tensor(-2)]
+)
+def test_uniform_refuses_a_bad_count(bad):
+    rule = Uniform()
+    with pytest.raises(
+        ValueError, match=rf"count must be an int >= 0 .*got count={re.escape(repr(bad))}"
+    ):
+        rule.load_state_dict({"count": bad})
+    assert rule.count == 0  # unchanged
+
+
+def test_rule_state_keys_are_checked():
+    with pytest.raises(
+        ValueError,
+        match=r"expected the keys \['count'\], got \['n'\] \(missing \['count'\], unexpected \['n'\]\)",
+    ):
+        Uniform().load_state_dict({"n": 3})
+    with pytest.raises(TypeError, match="takes a mapping"):
+        Uniform().load_state_dict(3)  # type: ignore[arg-type]
+    rule = Exponential(schedules.constant(0.9))
+    assert rule.state_dict() == {}
+    rule.load_state_dict({})
+    with pytest.raises(ValueError, match=r"Exponential.load_state_dict: expected the keys \[\]"):
+        rule.load_state_dict({"count": 1})
+
+
+def test_exponential_takes_a_float_as_the_constant_schedule():
+    assert Exponential(0.75).decay == schedules.constant(0.75)
+    assert Exponential(0.75).weights(1, 2) == (1 - 0.75 * 0.75,)
+    with pytest.raises(ValueError, match=r"decay must be in \[0, 1\], got decay=1.5"):
+        Exponential(1.5)
+
+
+def test_read_is_the_identity_by_default():
+    averages, current = [torch.ones(2)], torch.zeros(2)
+    assert Exponential(0.9).read(averages, current) is averages[0]
+    assert Uniform().read(averages, current) is averages[0]
+    assert Exponential.slots == ("ema",) and Uniform.slots == ("uniform",)
+    assert isinstance(Uniform(), Rule)
+    assert not isinstance(object(), Rule)
+
+
+class TwoRates(Rule):
+    """A two-slot rule (the API is for N slots; polyak.EMA takes one for now)."""
+
+    slots = ("fast", "slow")
+
+    def weights(self, first, last, ops=HOST):
+        return (0.5, 0.1)
+
+
+def test_a_rule_gives_one_weight_per_slot():
+    rule = TwoRates()
+    assert len(rule.weights(1, 1)) == len(rule.slots) == 2
