@@ -11,7 +11,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
+import polyak
 from polyak import schedules
 from polyak.averagers import HOST, DeviceOps, Exponential, Rule, Uniform
 
@@ -267,3 +269,152 @@ class TwoRates(Rule):
 def test_a_rule_gives_one_weight_per_slot():
     rule = TwoRates()
     assert len(rule.weights(1, 1)) == len(rule.slots) == 2
+
+
+# ------------------------------------------------------------------ EMA(model, rule=...)
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+
+def sgd(model, steps, seed=1, hook=None):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = model(torch.randn(8, 5, generator=gen)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hook()
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_uniform_equals_swa_averaged_model(every):
+    """``EMA(model, rule=Uniform())`` is ``AveragedModel``'s default running mean (its first
+    update copies the weights; the n-th lerps by 1 / (n + 1)), and the float64 mean of the
+    weights at the averaging steps."""
+    model = mlp()
+    swa = torch.optim.swa_utils.AveragedModel(model)
+    ema = polyak.EMA(model, rule=Uniform(), update_every=every)
+    seen = []
+
+    def both():
+        ema.update()
+        if ema.step % every == 0:
+            swa.update_parameters(model)
+            seen.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+
+    sgd(model, 9 * every, hook=both)
+    assert ema.num_averages == int(swa.n_averaged) == 9 == ema.rule.count
+    averaged = dict(swa.module.named_parameters())
+    for name in ema.names():
+        # AveragedModel lerps by a float32 tensor weight, through another ATen path: an ulp apart
+        torch.testing.assert_close(ema.average(name), averaged[name], rtol=1e-6, atol=1e-8)
+        mean = sum(s[name] for s in seen) / len(seen)
+        torch.testing.assert_close(ema.average(name).double(), mean, rtol=1e-6, atol=1e-7)
+    assert ema.decay == 9 / 10  # the next update keeps 9/10 of the mean
+
+
+def test_rule_exponential_is_decay():
+    m1, m2 = mlp(), mlp()
+    by_decay = polyak.EMA(m1, decay=schedules.tf_warmup(0.9), update_every=2)
+    by_rule = polyak.EMA(m2, rule=Exponential(schedules.tf_warmup(0.9)), update_every=2)
+    sgd(m1, 7, hook=by_decay.update)
+    sgd(m2, 7, hook=by_rule.update)
+    for name in by_decay.names():
+        assert torch.equal(by_decay.average(name), by_rule.average(name))
+    assert by_rule.schedule == schedules.tf_warmup(0.9)
+    default = polyak.EMA(mlp())
+    assert default.rule == Exponential(schedules.constant(0.999)) and default.decay == 0.999
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_capturable_uniform_equals_eager(every):
+    m1, m2 = mlp(), mlp()
+    eager = polyak.EMA(m1, rule=Uniform(), update_every=every)
+    captured = polyak.EMA(m2, rule=Uniform(), update_every=every, capturable=True)
+    sgd(m1, 10, hook=eager.update)
+    sgd(m2, 10, hook=captured.update)
+    assert isinstance(captured.rule.count, torch.Tensor)  # kept beside the step counter
+    assert int(captured.rule.count) == eager.rule.count == 10 // every
+    for name in eager.names():  # the same float64 weight, read in fp32 by the kernel
+        assert torch.equal(eager.average(name), captured.average(name)), name
+
+
+def test_capturable_uniform_update_does_not_touch_the_host(monkeypatch):
+    ema = polyak.EMA(mlp(), rule=Uniform(), update_every=2, capturable=True)
+    ema.update()
+    for name in ["item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu"]:
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda *a, _n=name, **k: pytest.fail(f"Tensor.{_n}")
+        )
+    ema.update()
+    ema.update()
+    monkeypatch.undo()
+    assert ema.step == 3 and int(ema.rule.count) == 1
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_uniform_resume_continues_the_mean(capturable):
+    """Save the EMA's state and the rule's, load both into fresh ones, go on: the same bits as a
+    run never interrupted (a count restarted at 0 would restart the mean)."""
+    m1 = mlp()
+    ema = polyak.EMA(m1, rule=Uniform(), capturable=capturable)
+    sgd(m1, 4, hook=ema.update)
+    saved = {"ema": ema.state_dict(), "rule": ema.rule.state_dict()}
+    m2 = mlp(seed=5)
+    m2.load_state_dict(m1.state_dict())
+    resumed = polyak.EMA(m2, rule=Uniform(), capturable=capturable)
+    resumed.load_state_dict(saved["ema"])
+    resumed.rule.load_state_dict(saved["rule"])
+    sgd(m1, 3, seed=2, hook=ema.update)
+    sgd(m2, 3, seed=2, hook=resumed.update)
+    for name in ema.names():
+        assert torch.equal(ema.average(name), resumed.average(name)), name
+    restarted = polyak.EMA(mlp(seed=5), rule=Uniform())
+    restarted.model.load_state_dict(m1.state_dict())
+    restarted.load_state_dict(saved["ema"])
+    assert restarted.decay == 0.0 != resumed.decay  # weight 1: the mean would start over
+
+
+def test_to_moves_the_rule_state_with_the_step_counter():
+    ema = polyak.EMA(mlp(), rule=Uniform(), capturable=True, kernel="reference")
+    ema.update()
+    ema.to("meta")
+    assert ema.rule.count.device == torch.device("meta")
+
+
+def test_rule_and_decay_together_are_refused():
+    with pytest.raises(
+        ValueError, match=r"decay=0.999 and rule=Uniform\(count=0\) cannot be given together"
+    ):
+        polyak.EMA(mlp(), 0.999, rule=Uniform())
+    with pytest.raises(ValueError, match=r"decay=TFWarmup\(decay=0.9\) and rule=Exponential\("):
+        polyak.EMA(mlp(), decay=schedules.tf_warmup(0.9), rule=Exponential(0.5))
+
+
+def test_a_rule_must_be_a_rule():
+    with pytest.raises(TypeError, match=r"rule must be a polyak.averagers.Rule .*got <function"):
+        polyak.EMA(mlp(), rule=lambda n: 0.5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"got 0.9 of type float"):
+        polyak.EMA(mlp(), rule=0.9)  # type: ignore[arg-type]
+
+
+def test_several_slots_are_not_built_yet():
+    with pytest.raises(NotImplementedError, match=r"keeps 2 averages \(slots \('fast', 'slow'\)\)"):
+        polyak.EMA(mlp(), rule=TwoRates())
+
+
+def test_capturable_refuses_a_python_callable_given_as_a_rule():
+    with pytest.raises(ValueError, match="a Python callable cannot do"):
+        polyak.EMA(mlp(), rule=Exponential(lambda n: 0.9), capturable=True)
+
+
+def test_repr_names_the_rule():
+    ema = polyak.EMA(mlp(), rule=Uniform())
+    ema.update()
+    assert repr(ema).startswith("EMA(rule=Uniform(count=1), step=1,")
+    assert ema.schedule is None
+    assert repr(polyak.EMA(mlp(), decay=0.5)).startswith("EMA(decay=Constant(decay=0.5), step=0,")
