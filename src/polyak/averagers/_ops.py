@@ -65,12 +65,14 @@ class HostOps:
         first: Any,
         last: Any,
         check: Callable[[Any, int], None] | None = None,
-    ) -> Iterable[Any]:
-        for step in range(int(first), int(last) + 1):
+    ) -> list[Any]:
+        values = []
+        for step in range(first, last + 1):
             value = fn(step)
             if check is not None:
                 check(value, step)
-            yield value
+            values.append(value)
+        return values
 
     def prod(self, values: Iterable[Any]) -> Any:
         product = 1.0

@@ -89,17 +89,6 @@ def _check_keys(rule: Any, state: Mapping[str, Any], keys: tuple[str, ...]) -> N
         )
 
 
-def _check_decay(schedule: Callable[[int], Any]) -> Callable[[Any, int], None]:
-    def check(value: Any, step: int) -> None:
-        if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):
-            raise ValueError(
-                f"the decay schedule {schedule!r} returned {value!r} at step {step}; a decay "
-                f"must be a float in [0, 1]. Fix the schedule (or clamp its output)."
-            )
-
-    return check
-
-
 @dataclasses.dataclass(frozen=True)
 class Exponential(Rule):
     r"""The exponential moving average with a (possibly scheduled) decay :math:`d(n)`.
@@ -127,8 +116,15 @@ class Exponential(Rule):
     def weights(self, first: Any, last: Any, ops: Ops = HOST) -> tuple[Any]:
         """``(1 - prod(decay(n) for n in first..last),)``; on the host each decay is checked to be
         a float in [0, 1] (a ValueError names the step)."""
-        decays = ops.map(self.decay, first, last, check=_check_decay(self.decay))
+        decays = ops.map(self.decay, first, last, check=self._check)
         return (1.0 - ops.prod(decays),)
+
+    def _check(self, value: Any, step: int) -> None:
+        if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):
+            raise ValueError(
+                f"the decay schedule {self.decay!r} returned {value!r} at step {step}; a decay "
+                f"must be a float in [0, 1]. Fix the schedule (or clamp its output)."
+            )
 
     def weight(self, first_step: int, last_step: int) -> float:
         """The one slot's weight on the host: ``weights(first_step, last_step)[0]``."""
