@@ -11,8 +11,9 @@ and the EMA evaluates that one definition in two places:
 
 Both evaluate the same operations in the same order (the product over the covered steps runs
 first to last on both), so where the arithmetic is correctly rounded (``+ - * /``, ``min``) the
-two paths give the same float64 bits; a schedule using ``**`` may differ by an ulp where the
-device's ``pow`` differs from the C library's.
+two paths give the same float64 bits on the CPU. A schedule using ``**`` may differ by an ulp where
+torch's ``pow`` differs from the C library's, and on CUDA, with ``update_every > 1``, the product
+by a few ulps (CUDA's cumprod scans in parallel).
 """
 
 from __future__ import annotations
@@ -122,8 +123,8 @@ class DeviceOps:
         return values
 
     def prod(self, values: torch.Tensor) -> torch.Tensor:
-        # cumprod runs first to last, as the host's loop does (prod's reduction order is the
-        # CPU's vector width's business); 1 * v_0 is v_0 exactly
+        # on the CPU cumprod runs first to last, as the host's loop does (prod reduces in vector
+        # lanes from 16 elements on, its order the CPU's vector width's business); 1 * v_0 is v_0
         return torch.cumprod(values, 0)[-1]
 
     def real(self, x: torch.Tensor) -> torch.Tensor:
