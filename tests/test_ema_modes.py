@@ -168,6 +168,30 @@ def test_capturable_long_update_every_stays_finite(decay):
     assert_same_averages(eager, captured, exact=False, names=averaged)
 
 
+@pytest.mark.xfail(
+    strict=True, raises=AssertionError, reason="needs the kernel gate (issue 14, k1/k2)"
+)
+@pytest.mark.parametrize("kernel", ["reference", "foreach"])
+def test_capturable_nan_on_an_off_step_never_reaches_a_shadow(kernel):
+    """Issue 14, acceptance 5. With ``update_every=3`` steps 1 and 2 are off-steps: a NaN the
+    weights hold only then must stay out of the shadows, as it does without capturable (a lerp by
+    weight 0 lets it in: 0 * nan = nan). The rule's gate skips the update on the device."""
+    model = net()
+    eager = polyak.EMA(net(), decay=0.9, update_every=3, kernel=kernel)
+    captured = polyak.EMA(model, decay=0.9, update_every=3, kernel=kernel, capturable=True)
+    eager.model.load_state_dict(model.state_dict())
+    for step in (1, 2, 3):
+        with torch.no_grad():
+            for m in (model, eager.model):
+                m[0].weight[0, 0] = float("nan") if step == 1 else 1.0
+        captured.update()
+        eager.update()
+    assert captured.num_averages == eager.num_averages == 1
+    assert torch.isfinite(eager.average("0.weight")).all()  # the eager EMA never saw step 1
+    assert torch.isfinite(captured.average("0.weight")).all()
+    assert torch.equal(captured.average("0.weight"), eager.average("0.weight"))
+
+
 def test_capturable_resume_with_another_update_every():
     """Loading a state saved with ``update_every=3`` into a capturable EMA built with 1 averages
     every 3 steps with the decay multiplied over the 3 steps, as the eager EMA does."""

@@ -22,7 +22,8 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from polyak import _kernels, schedules
 from polyak._kernels._engine import Policy
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
-from polyak.averagers import Exponential
+from polyak.averagers import DeviceOps, Exponential, Rule
+from polyak.averagers._ops import place_state
 from polyak.bn import BatchNormMonitor
 from polyak.io import save_safetensors
 
@@ -37,6 +38,9 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _BN_CHECKS = frozenset({1, 10, 100})
 
 DecayLike = float | Callable[[int], Any]
+# the default decay, told apart from a decay the caller passed (even 0.999) by identity, so that
+# rule= and decay= given together are refused
+_DEFAULT_DECAY = 0.999
 
 
 def _as_schedule(decay: DecayLike) -> Callable[[int], Any]:
@@ -49,6 +53,29 @@ def _as_schedule(decay: DecayLike) -> Callable[[int], Any]:
             f"decay=polyak.schedules.tf_warmup(0.999)."
         )
     return schedules.constant(decay)  # validates the range
+
+
+def _checked_rule(rule: Rule, decay: DecayLike) -> Rule:
+    """``rule`` if it is a one-slot :class:`~polyak.averagers.Rule` given without ``decay``."""
+    if decay is not _DEFAULT_DECAY:
+        raise ValueError(
+            f"decay={decay!r} and rule={rule!r} cannot be given together: the rule sets the "
+            f"weights (decay=d is rule=polyak.averagers.Exponential(d)). Pass one of them."
+        )
+    if not isinstance(rule, Rule):
+        raise TypeError(
+            f"rule must be a polyak.averagers.Rule (slots, weights, advance, state_dict, "
+            f"load_state_dict, map_state, read), got {rule!r} of type {type(rule).__name__}; e.g. "
+            f"rule=polyak.averagers.Uniform()."
+        )
+    if len(rule.slots) != 1:
+        raise NotImplementedError(
+            f"rule={rule!r} keeps {len(rule.slots)} averages (slots {rule.slots!r}), but "
+            f"polyak.EMA keeps one average per tensor for now (several slots need the shadow "
+            f"store keyed by (slot, name), issue 14). Use a one-slot rule such as "
+            f"polyak.averagers.Exponential or polyak.averagers.Uniform, or one EMA per average."
+        )
+    return rule
 
 
 def _takes_device_steps(schedule: Callable[[int], Any]) -> bool:
@@ -131,6 +158,11 @@ class EMA:
             the plain model), or an iterable of ``(name, tensor)`` pairs.
         decay: a float in [0, 1], or a schedule: any callable ``step -> decay`` (see
             :mod:`polyak.schedules`). Built-in schedules are stored in :meth:`state_dict`.
+        rule: instead of ``decay``, another averaging rule (:mod:`polyak.averagers`), e.g.
+            ``rule=polyak.averagers.Uniform()`` for SWA's running mean; ``decay=d`` is
+            ``rule=polyak.averagers.Exponential(d)``. Not both. The EMA advances the rule object
+            it is given (its state, such as Uniform's count, is the rule's: save it with
+            ``rule.state_dict()``), so give each EMA its own. One-slot rules only, for now.
         buffers: ``"average"`` (floating buffers such as BatchNorm statistics averaged like weights,
             integer buffers such as ``num_batches_tracked`` copied), ``"copy"`` (every buffer copied
             at each update) or ``"none"`` (buffers not tracked; exports take them from the model).
@@ -188,13 +220,14 @@ class EMA:
     Silence it with ``warnings.filterwarnings("ignore", category=StaleBatchNormWarning)``.
     """
 
-    rule: Exponential
+    rule: Rule
 
     def __init__(
         self,
         model: nn.Module | Iterable[tuple[str, torch.Tensor]],
-        decay: DecayLike = 0.999,
+        decay: DecayLike = _DEFAULT_DECAY,
         *,
+        rule: Rule | None = None,
         buffers: Literal["average", "copy", "none"] = "average",
         update_every: int = 1,
         shadow_dtype: torch.dtype | None = None,
@@ -236,8 +269,11 @@ class EMA:
                 "capturable=True runs the update in the caller's stream (inside a CUDA graph); "
                 "it cannot be combined with stream='side' or offload='cpu'."
             )
-        self.schedule = _as_schedule(decay)
-        if capturable and not _takes_device_steps(self.schedule):
+        if rule is None:
+            self.schedule = _as_schedule(decay)
+        else:
+            self.rule = _checked_rule(rule, decay)
+        if capturable and self.schedule is not None and not _takes_device_steps(self.schedule):
             raise ValueError(
                 f"capturable=True evaluates the decay on the device, which a Python callable "
                 f"cannot do (got {self.schedule!r}); use a built-in schedule from polyak.schedules, "
@@ -300,6 +336,7 @@ class EMA:
             self._step_t = torch.zeros((), dtype=torch.int64, device=device)
             self._num_t = torch.zeros((), dtype=torch.int64, device=device)
             self._covered = _covered_offsets(update_every, device)
+            self.rule.map_state(lambda value: place_state(value, device))  # beside the step
         self._engine: Policy | None = None
         self._plan()
 
@@ -482,9 +519,10 @@ class EMA:
     # ------------------------------------------------------------------ the update
 
     @property
-    def schedule(self) -> Callable[[int], Any]:
-        """The decay schedule ``step -> decay`` (a constant decay is ``schedules.constant(d)``)."""
-        return self.rule.decay
+    def schedule(self) -> Callable[[int], Any] | None:
+        """The decay schedule ``step -> decay`` (a constant decay is ``schedules.constant(d)``);
+        ``None`` where the rule is not :class:`~polyak.averagers.Exponential`."""
+        return self.rule.decay if isinstance(self.rule, Exponential) else None
 
     @schedule.setter
     def schedule(self, value: Callable[[int], Any]) -> None:
@@ -493,8 +531,10 @@ class EMA:
     def update(self) -> None:
         """Call once per optimizer step: ``step += 1``, then average if ``step % update_every == 0``.
 
-        Never synchronises the host with the device and allocates nothing: the decay is a Python
-        float from the schedule, and the kernel was planned at construction.
+        Never synchronises the host with the device and allocates nothing: the weight is a Python
+        float from the rule (:data:`polyak.averagers.HOST`), and the kernel was planned at
+        construction. With ``capturable=True`` the rule's same formulas run on the device
+        (:class:`polyak.averagers.DeviceOps`).
         """
         if self._state is not None:
             where = (
@@ -519,12 +559,16 @@ class EMA:
                     )
                 self._warm = True
             with torch.no_grad():
-                self._engine.run(self._device_weight())
+                weights, gate = self._device_weights()
+                # Until the engine takes the gate (issue 14: the kernels' device gate, k1/k2),
+                # an off-step lerps with weight 0, which lets a NaN in the weights through
+                # (0 * nan = nan). To connect: self._engine.run(weights, gate=gate).
+                self._engine.run(torch.where(gate, 0.0, weights[0]))
             return
         self._step += 1
         if self._step % self.update_every:
             return
-        weight = self.rule.weight(self._step - self.update_every + 1, self._step)
+        (weight,) = self.rule.weights(self._step - self.update_every + 1, self._step)
         with torch.no_grad():
             try:
                 self._engine.run(weight)
@@ -546,6 +590,7 @@ class EMA:
                         f"devices: call ema.to(device) after moving the model."
                     ) from error
                 raise
+        self.rule.advance(True)
         self._num_averages += 1
         if self._bn_monitor is not None:
             if self.buffers == "none":
@@ -553,27 +598,29 @@ class EMA:
             if self._num_averages in _BN_CHECKS or self._num_averages % 1000 == 0:
                 self._bn_monitor.check()
 
-    def _device_weight(self) -> torch.Tensor:
-        """``1 - prod(decay(s))`` over the covered steps, on the device (0 off the k-th steps).
+    def _device_weights(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """This call's step on the device: ``step += 1``, the rule's weights (one 0-dim float64
+        tensor per slot, :class:`polyak.averagers.DeviceOps`) and the gate, a 0-dim bool tensor
+        that is True where this call is not an averaging update (``step % update_every != 0``).
 
-        Off the k-th steps the covered steps may not exist yet (``s <= 0``), where a schedule can
-        give inf or NaN; they are clamped to 1, and the weight is selected, not masked by a
-        product (``0 * nan`` is ``nan``).
+        The weights are evaluated at every call, off the averaging steps too (finite there: steps
+        that do not exist yet are evaluated at 1), and the rule's state advances where due.
         """
         self._step_t.add_(1)
-        steps = (self._step_t - self._covered).clamp_(min=1).to(torch.float64)
-        decays = self.schedule(steps)
-        if not isinstance(decays, torch.Tensor):  # constant schedules return a float
-            decays = torch.full_like(steps, float(decays))
-        due = (self._step_t % self.update_every) == 0
-        self._num_t.add_(due.to(torch.int64))
-        return torch.where(due, 1 - decays.prod(), 0.0)
+        last = self._step_t
+        ops = DeviceOps(self._covered)
+        weights = self.rule.weights(last - (self.update_every - 1), last, ops)
+        due = (last % self.update_every) == 0
+        self.rule.advance(due, ops)
+        self._num_t.add_(due)
+        return weights, due.logical_not()
 
     @property
     def decay(self) -> float:
-        """The decay the next averaging update will use (product over ``update_every`` steps)."""
+        """The decay the next averaging update will use: ``1 - weight`` (for the exponential rule
+        the product of the decays over the ``update_every`` steps it covers)."""
         nxt = (self.step // self.update_every + 1) * self.update_every
-        return 1.0 - self.rule.weight(nxt - self.update_every + 1, nxt)
+        return 1.0 - float(self.rule.weights(nxt - self.update_every + 1, nxt)[0])
 
     # ------------------------------------------------------------------ reading averages
 
@@ -1023,6 +1070,7 @@ class EMA:
             self._step_t = self._step_t.to(device)
             self._num_t = self._num_t.to(device)
             self._covered = self._covered.to(device)
+            self.rule.map_state(lambda value: place_state(value, device))
         self._follow(changes, replan=True)
         return self
 
@@ -1063,8 +1111,9 @@ class EMA:
         elements = sum(self._shadows[n].numel() for n in self._averaged)
         dtypes = sorted({dtype_name(self._shadows[n].dtype) for n in self._averaged})
         schedule = self.schedule
+        setting = f"decay={schedule!r}" if schedule is not None else f"rule={self.rule!r}"
         return (
-            f"EMA(decay={schedule!r}, step={self.step}, averaged={n_avg} tensors "
+            f"EMA({setting}, step={self.step}, averaged={n_avg} tensors "
             f"({elements:,} elements, shadows {'/'.join(dtypes) or '-'}), copied={n_copy}, "
             f"buffers={self.buffers!r}, update_every={self.update_every}, kernel={self.kernel!r}"
             + (f", rounding={self.rounding!r}" if self.rounding != "nearest" else "")

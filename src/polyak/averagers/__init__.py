@@ -1,10 +1,18 @@
 """Averaging rules: small strategy objects the one EMA engine consumes.
 
-A rule says how much of the current weights enters the average at an averaging update: the lerp
-weight ``w`` in ``shadow += w * (param - shadow)``. It sees the optimizer steps the update covers and
-nothing about tensors.
+A rule says which averages it keeps (its slots) and how much of the current weights enters each at
+an averaging update: the lerp weight ``w`` in ``shadow += w * (param - shadow)``. It sees the
+optimizer steps the update covers and its own small state (counts), nothing about tensors; it
+writes its formulas once over an ``ops`` argument, which the EMA evaluates with Python numbers
+(:data:`HOST`) or, for ``capturable=True``, with tensors on the device (:class:`DeviceOps`).
+
+- :class:`Exponential`: ``w = 1 - prod(decay(n))`` over the covered steps (what ``polyak.EMA(model,
+  decay)`` uses).
+- :class:`Uniform`: ``w = 1 / (count + 1)``, the running mean of SWA.
 """
 
+from polyak.averagers._ops import HOST, DeviceOps, HostOps, Ops
 from polyak.averagers._rule import Exponential, Rule
+from polyak.averagers._uniform import Uniform
 
-__all__ = ["Exponential", "Rule"]
+__all__ = ["HOST", "DeviceOps", "Exponential", "HostOps", "Ops", "Rule", "Uniform"]
