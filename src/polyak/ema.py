@@ -329,12 +329,22 @@ class EMA:
 
     def _choose_kernel(self) -> str:
         """The kernel asked for, checked, or ``auto``'s pick for the shadows where they are now."""
+        shadows, sources = self._kernel_lists(self._averaged)
         return _kernels.choose(
             self._kernel_request,
-            [self._shadows[n] for n in self._averaged],
+            shadows,
             rounding=self.rounding,
             capturable=self.capturable,
-            sources=[self._live[n] for n in self._averaged],
+            sources=sources,
+        )
+
+    def _kernel_lists(self, names: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The shadows and live tensors of ``names`` as the kernels take them: DTensors (FSDP2)
+        as their local shards, which is all a rank updates (an elementwise lerp needs no
+        communication) and which every kernel, compiled ones included, handles as plain tensors."""
+        return (
+            [_placement.local(self._shadows[n]) for n in names],
+            [_placement.local(self._live[n]) for n in names],
         )
 
     def _plan(self, watch: bool = True) -> None:
@@ -352,8 +362,8 @@ class EMA:
         self._engine = _kernels.Engine(
             _kernels.builder(self.kernel, rounding=self.rounding, seed=self.seed),
             _kernels.builder("foreach" if self.kernel in ("fused", "triton") else self.kernel),
-            ([self._shadows[n] for n in self._averaged], [self._live[n] for n in self._averaged]),
-            ([self._shadows[n] for n in self._copied], [self._live[n] for n in self._copied]),
+            self._kernel_lists(self._averaged),
+            self._kernel_lists(self._copied),
             policy,
         )
         if counter is not None:
