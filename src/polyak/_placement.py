@@ -56,10 +56,10 @@ def in_place(tensor: torch.Tensor) -> bool:
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's local shard if it is a DTensor (the tensor FSDP2 gathers from, the same
-    object on every call), else the tensor itself."""
+    """The tensor's local shard if it is a DTensor (a view of the storage FSDP2 gathers from),
+    else the tensor itself."""
     if in_place(tensor):
-        with torch.no_grad():  # no_grad: the DTensor's own local tensor, not an autograd view
+        with torch.no_grad():  # the shard's storage itself, not a differentiable copy of it
             return tensor.to_local()  # type: ignore[attr-defined]
     return tensor
 
