@@ -81,6 +81,11 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             return {n: p.to_local().detach().clone() for n, p in params.items()}
 
         ema = polyak.EMA(model, decay=0.5)
+        # bf16 shadows, stochastic rounding: its kernel mixes shadows with plain tensors (random
+        # offsets), which only works on the local shards (handed over instead of the DTensors)
+        rounded = polyak.EMA(
+            model, decay=0.5, shadow_dtype=torch.bfloat16, rounding="stochastic", kernel="reference"
+        )
         replica_ema = polyak.EMA(replica, decay=0.5)
         out: dict[str, object] = {"shadow_types": [type(ema.average(n)).__name__ for n in params]}
         initial = shards()
@@ -96,12 +101,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for _ in range(STEPS):
             batch = (torch.randn(6, 4, generator=gen), torch.randn(6, 1, generator=gen))
             _train_step(model, opt, ema, batch)
+            rounded.update()
             _train_step(replica, replica_opt, replica_ema, batch)
         x = torch.randn(5, 4, generator=gen)
 
         # references that do not go through placement
         averages = {n: ema.average(n).full_tensor() for n in params}
         out["averages"] = averages
+        out["rounded"] = {n: rounded.average(n).full_tensor() for n in params}
         out["replica_averages"] = {n: replica_ema.average(n).clone() for n in params}
         reference = _net()
         reference.load_state_dict(averages)
@@ -172,6 +179,19 @@ def test_shadows_are_dtensors_and_equal_an_unsharded_run(ranks):
     # the trained weights moved away from the averages, or no test below could fail
     assert not torch.allclose(ranks[0]["reference"], ranks[0]["trained_reference"], atol=1e-3)
     assert ranks[1]["shards"]["4.weight"].numel() == 0  # rank 1 holds an empty shard
+
+
+def test_stochastic_rounding_runs_on_the_local_shards(ranks):
+    """bf16 shadows with stochastic rounding (which failed on DTensors: the kernel adds plain
+    tensors to the shadows) track the fp32 averages. Each update rounds by under one ulp and
+    decay 0.5 halves the error carried, so it stays under two ulps of the largest value a shadow
+    passed through (|values| < 2 here, a bf16 ulp below 2 is at most 2**-7)."""
+    for seen in ranks:
+        for name, average in seen["averages"].items():
+            rounded = seen["rounded"][name]
+            assert rounded.dtype == torch.bfloat16
+            assert average.abs().max() < 1.5, name  # the bound's premise
+            torch.testing.assert_close(rounded.float(), average, rtol=0, atol=2 * 2**-7)
 
 
 def test_the_model_evaluates_its_trained_weights_outside_any_placement(ranks):
