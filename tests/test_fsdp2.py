@@ -139,6 +139,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             out["after_train"] = (model(x), shards())
 
             ema.store()
+            out["stored"] = model(x)  # leaves the root unsharded, holding the trained weights
             ema.copy_to()
             out["copy_to"] = model(x)
             ema.restore()
@@ -150,6 +151,14 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         _train_step(replica, replica_opt, replica_ema, batch)
         out["next_step"] = {n: p.full_tensor() for n, p in params.items()}
         out["replica_next_step"] = {n: p.detach().clone() for n, p in replica.named_parameters()}
+
+        # copy_to() for good, after a forward pass left the root unsharded
+        reference.load_state_dict({n: ema.average(n).full_tensor() for n in params})
+        with torch.no_grad():
+            out["final_reference"] = reference(x)
+            model(x)
+            ema.copy_to()
+            out["copied_for_good"] = model(x)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -197,6 +206,7 @@ def test_stochastic_rounding_runs_on_the_local_shards(ranks):
 def test_the_model_evaluates_its_trained_weights_outside_any_placement(ranks):
     for seen in ranks:
         close(seen["trained"], seen["trained_reference"])
+        assert torch.equal(seen["stored"], seen["trained"])  # store() alone changes nothing
 
 
 @pytest.mark.parametrize("way", ["swapped", "use_averages", "eval", "copy_to"])
@@ -218,6 +228,11 @@ def test_the_trained_shards_come_back_bit_for_bit(ranks, way):
         for name, shard in seen["shards"].items():
             assert torch.equal(shards[name], shard), name
         assert torch.equal(output, seen["trained"])
+
+
+def test_copy_to_for_good_evaluates_the_averages(ranks):
+    for seen in ranks:
+        close(seen["copied_for_good"], seen["final_reference"])
 
 
 def test_placing_before_fsdp_initialised_changes_nothing(ranks):
