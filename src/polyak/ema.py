@@ -747,7 +747,8 @@ class EMA:
         self._state = "stored"
 
     def copy_to(self, model: nn.Module | None = None) -> None:
-        """Write the averages into the model's tensors in place (cast to their dtypes)."""
+        """Write the averages into the model's tensors in place (cast to their dtypes; FSDP2
+        parameters: into each local shard, after resharding so the next forward gathers them)."""
         if self._state == "swapped":
             raise RuntimeError(
                 "copy_to() inside swapped()/use_averages() would write the averages onto "
