@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from polyak import _kernels, schedules
+from polyak import _kernels, _placement, schedules
 from polyak._kernels._engine import Policy
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import DeviceOps, Exponential, Rule
@@ -341,8 +341,10 @@ class EMA:
         self._plan()
 
         self._state: Literal["swapped", "stored"] | None = None
-        self._backup: dict[str, torch.Tensor] | None = None
+        # while the averages are in a model: what its tensors held, the tensors, and the model
+        self._backup = _placement.Backup()
         self._swap_target: dict[str, torch.Tensor] | None = None
+        self._swap_model: nn.Module | None = None
         self._mode_switch: _ModeSwitch | None = None
         self._step_guard: Any = None
 
@@ -365,12 +367,22 @@ class EMA:
 
     def _choose_kernel(self) -> str:
         """The kernel asked for, checked, or ``auto``'s pick for the shadows where they are now."""
+        shadows, sources = self._kernel_lists(self._averaged)
         return _kernels.choose(
             self._kernel_request,
-            [self._shadows[n] for n in self._averaged],
+            shadows,
             rounding=self.rounding,
             capturable=self.capturable,
-            sources=[self._live[n] for n in self._averaged],
+            sources=sources,
+        )
+
+    def _kernel_lists(self, names: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The shadows and live tensors of ``names`` as the kernels take them: DTensors (FSDP2)
+        as their local shards, which is all a rank updates (an elementwise lerp needs no
+        communication) and which every kernel, compiled ones included, handles as plain tensors."""
+        return (
+            [_placement.local(self._shadows[n]) for n in names],
+            [_placement.local(self._live[n]) for n in names],
         )
 
     def _plan(self, watch: bool = True) -> None:
@@ -388,8 +400,8 @@ class EMA:
         self._engine = _kernels.Engine(
             _kernels.builder(self.kernel, rounding=self.rounding, seed=self.seed),
             _kernels.builder("foreach" if self.kernel in ("fused", "triton") else self.kernel),
-            ([self._shadows[n] for n in self._averaged], [self._live[n] for n in self._averaged]),
-            ([self._shadows[n] for n in self._copied], [self._live[n] for n in self._copied]),
+            self._kernel_lists(self._averaged),
+            self._kernel_lists(self._copied),
             policy,
         )
         if counter is not None:
@@ -671,17 +683,28 @@ class EMA:
                 f"{'use_trained()' if self._state == 'swapped' else 'restore()'}) first."
             )
 
-    def _swap_in(self, model: nn.Module | None) -> None:
+    def _enter(self, model: nn.Module | None) -> dict[str, torch.Tensor]:
+        """The tensors the averages go into (``_targets``), with FSDP2 modules resharded first
+        (:mod:`polyak._placement`): an unsharded root holds gathered copies, not its parameters."""
+        placed = unwrap(model) if model is not None else self.model
+        _placement.reshard(placed)
         targets = self._targets(model)
+        self._swap_model = placed
+        return targets
+
+    def _leave(self) -> None:
+        """Back to idle: the model's own values are in it, and FSDP2 drops any gathered averages."""
+        _placement.take_back(self._backup)
+        _placement.reshard(self._swap_model)
+        self._swap_target = self._swap_model = None
+        self._state = None
+
+    def _swap_in(self, model: nn.Module | None) -> None:
+        targets = self._enter(model)
         self._engine.wait()
-        self._backup = {}
-        with torch.no_grad():
-            for name, shadow in self._shadows.items():
-                live = targets[name]
-                self._backup[name] = live.data
-                # zero-copy when dtype and device match: the model's tensor views the shadow
-                same = shadow.dtype == live.dtype and shadow.device == live.device
-                live.data = shadow if same else shadow.to(live.device, live.dtype)
+        # zero-copy for plain tensors of the shadows' dtype (they view the shadows); cast copies
+        # for others; FSDP2 shards get the averages copied in, their own kept aside
+        _placement.put([(targets[n], s) for n, s in self._shadows.items()], self._backup)
         self._swap_target = targets
         self._state = "swapped"
         self._step_guard = register_optimizer_step_pre_hook(
@@ -689,11 +712,7 @@ class EMA:
         )
 
     def _swap_out(self) -> None:
-        assert self._backup is not None and self._swap_target is not None
-        for name, data in self._backup.items():
-            self._swap_target[name].data = data
-        self._backup = self._swap_target = None
-        self._state = None
+        self._leave()
         self._step_guard.remove()
         self._step_guard = None
 
@@ -703,8 +722,11 @@ class EMA:
 
         Zero-copy when dtypes match (the model's tensors point at the shadows' storage and back: the
         restore is bit for bit because nothing is copied); otherwise the averages are cast into new
-        tensors and the model's own are kept aside. The model's weights come back also when the block
-        raises. Do not train inside the block: it would write to the shadows.
+        tensors and the model's own are kept aside. FSDP2 (DTensor) parameters are read from their
+        own shards, so there the averages are copied into each local shard and the shard's own
+        values copied back on exit, bit for bit (:mod:`polyak._placement`). The model's weights
+        come back also when the block raises. Do not train inside the block: it would write to the
+        shadows.
         """
         self._check_idle("enter ema.swapped()")
         self._warn_if_statistics_stale()
@@ -767,26 +789,28 @@ class EMA:
         if self._state == "stored":
             return
         self._check_idle("store()")
-        targets = self._targets(model)
-        self._backup = {n: targets[n].detach().clone() for n in self._shadows}
+        targets = self._enter(model)
+        _placement.save([targets[n] for n in self._shadows], self._backup)
         self._swap_target = targets
         self._state = "stored"
 
     def copy_to(self, model: nn.Module | None = None) -> None:
-        """Write the averages into the model's tensors in place (cast to their dtypes)."""
+        """Write the averages into the model's tensors in place (cast to their dtypes; FSDP2
+        parameters: into each local shard, after resharding so the next forward gathers them)."""
         if self._state == "swapped":
             raise RuntimeError(
                 "copy_to() inside swapped()/use_averages() would write the averages onto "
                 "themselves; call it outside the block."
             )
-        targets = (
-            self._swap_target if self._state == "stored" and model is None else self._targets(model)
-        )
+        if self._state == "stored" and model is None:
+            targets = self._swap_target
+            _placement.reshard(self._swap_model)
+        else:
+            _placement.reshard(unwrap(model) if model is not None else self.model)
+            targets = self._targets(model)
         assert targets is not None
         self._engine.wait()
-        with torch.no_grad():
-            for name, shadow in self._shadows.items():
-                targets[name].copy_(shadow)
+        _placement.write([(targets[n], s) for n, s in self._shadows.items()])
 
     def restore(self) -> None:
         """Copy the weights backed up by :meth:`store` back into the model."""
@@ -795,12 +819,7 @@ class EMA:
                 "restore() without a backup: call ema.store() before ema.copy_to(), then "
                 "ema.restore() to get the trained weights back."
             )
-        assert self._backup is not None and self._swap_target is not None
-        with torch.no_grad():
-            for name, saved in self._backup.items():
-                self._swap_target[name].copy_(saved)
-        self._backup = self._swap_target = None
-        self._state = None
+        self._leave()
 
     # ------------------------------------------------------------------ evaluation helpers
 
