@@ -369,24 +369,24 @@ def test_capturable_uniform_update_does_not_touch_the_host(monkeypatch):
 
 @pytest.mark.parametrize("capturable", [False, True])
 def test_uniform_resume_continues_the_mean(capturable):
-    """Save the EMA's state and the rule's, load both into fresh ones, go on: the same bits as a
-    run never interrupted (a count restarted at 0 would restart the mean)."""
+    """Save the EMA's state (which holds the rule's, format 2), load it into a fresh one, go on:
+    the same bits as a run never interrupted (a count restarted at 0 would restart the mean)."""
     m1 = mlp()
     ema = polyak.EMA(m1, rule=Uniform(), capturable=capturable)
     sgd(m1, 4, hook=ema.update)
-    saved = {"ema": ema.state_dict(), "rule": ema.rule.state_dict()}
+    saved = ema.state_dict()
+    assert saved["rule"]["state"] == {"count": 4}
     m2 = mlp(seed=5)
     m2.load_state_dict(m1.state_dict())
     resumed = polyak.EMA(m2, rule=Uniform(), capturable=capturable)
-    resumed.load_state_dict(saved["ema"])
-    resumed.rule.load_state_dict(saved["rule"])
+    resumed.load_state_dict(saved)
     sgd(m1, 3, seed=2, hook=ema.update)
     sgd(m2, 3, seed=2, hook=resumed.update)
     for name in ema.names():
         assert torch.equal(ema.average(name), resumed.average(name)), name
     restarted = polyak.EMA(mlp(seed=5), rule=Uniform())
     restarted.model.load_state_dict(m1.state_dict())
-    restarted.load_state_dict(saved["ema"])
+    restarted.load_state_dict(dict(saved, rule={**saved["rule"], "state": {"count": 0}}))
     assert restarted.decay == 0.0 != resumed.decay  # weight 1: the mean would start over
 
 

@@ -375,7 +375,7 @@ def test_offload_reads_wait_for_the_update_in_flight(blocked_offload):
     with torch.no_grad():
         param.fill_(0.0)
     ema.update()
-    assert torch.equal(ema.state_dict()["shadows"]["w"], torch.full((4,), 2.0))
+    assert torch.equal(ema.state_dict()["shadows"]["ema"]["w"], torch.full((4,), 2.0))
 
 
 def test_offload_next_update_waits_for_the_previous(blocked_offload):
@@ -403,7 +403,7 @@ def test_scaled_user_callable_round_trips_through_the_state_dict():
     ema = polyak.EMA(model, decay=schedule)
     sgd_steps(model, ema, 3)
     state = ema.state_dict()
-    assert state["schedule"]["name"] == "callable"
+    assert state["rule"]["settings"]["decay"]["name"] == "callable"
     twin = bn_net()
     twin.load_state_dict(model.state_dict())
     other = polyak.EMA(twin, decay=schedule)

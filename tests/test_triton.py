@@ -213,10 +213,12 @@ def test_tables_follow_storage_that_moved():
     with torch.no_grad():
         model.weight.data = torch.full_like(model.weight, 2.0)  # new storage, same Parameter
     ema.update()  # reads the new storage through the rebuilt table, not the freed one
-    torch.testing.assert_close(ema.state_dict()["shadows"]["weight"].cpu(), (start + 2.0) / 2)
+    torch.testing.assert_close(
+        ema.state_dict()["shadows"]["ema"]["weight"].cpu(), (start + 2.0) / 2
+    )
     # a new dtype under the same Parameter: the EMA follows it (float64 shadow by the dtype
     # policy, re-planned), so the kernel's own check is reached only when built by hand
-    shadow = ema.state_dict()["shadows"]["weight"].double().cpu()
+    shadow = ema.state_dict()["shadows"]["ema"]["weight"].double().cpu()
     with torch.no_grad():
         model.weight.data = torch.full_like(model.weight, 4.0, dtype=torch.float64)
     ema.update()
@@ -247,8 +249,8 @@ def test_ema_with_triton_equals_reference():
                     p -= 0.1 * p.grad
                     p.grad = None
             ema.update()
-    want = ema_b.state_dict()["shadows"]
-    for name, got in ema_a.state_dict()["shadows"].items():
+    want = ema_b.state_dict()["shadows"]["ema"]
+    for name, got in ema_a.state_dict()["shadows"]["ema"].items():
         torch.testing.assert_close(got.cpu(), want[name], rtol=1e-6, atol=1e-6)
 
 
@@ -275,8 +277,8 @@ def test_capturable_triton_equals_eager_reference(every):
                     p.grad = None
             ema.update()
     assert captured.step == 7 and captured.num_averages == 7 // every
-    want = eager.state_dict()["shadows"]
-    for name, got in captured.state_dict()["shadows"].items():
+    want = eager.state_dict()["shadows"]["ema"]
+    for name, got in captured.state_dict()["shadows"]["ema"].items():
         if got.is_floating_point():
             torch.testing.assert_close(got.cpu(), want[name], rtol=1e-6, atol=1e-6)
 
@@ -342,8 +344,10 @@ def test_triton_update_captures_in_a_cuda_graph():
         ref.update()
     torch.cuda.synchronize()
     assert ema.step == ref.step == 101
-    want = ref.state_dict()["shadows"]["weight"]
-    torch.testing.assert_close(ema.state_dict()["shadows"]["weight"], want, rtol=1e-6, atol=1e-6)
+    want = ref.state_dict()["shadows"]["ema"]["weight"]
+    torch.testing.assert_close(
+        ema.state_dict()["shadows"]["ema"]["weight"], want, rtol=1e-6, atol=1e-6
+    )
 
 
 CODEGEN = r"""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from polyak import _kernels, _placement, schedules
+from polyak import _kernels, _placement, _state, schedules
 from polyak._kernels._engine import Policy
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import DeviceOps, Exponential, Rule
@@ -29,8 +29,7 @@ from polyak.io import save_safetensors
 
 __all__ = ["EMA", "LoadedSettingsWarning"]
 
-FORMAT = "polyak.EMA"
-VERSION = 1
+FORMAT = _state.FORMAT
 BUFFER_POLICIES = ("average", "copy", "none")
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 # averaging updates after which update() asks the BatchNorm monitor whether statistics went stale
@@ -917,31 +916,38 @@ class EMA:
     def state_dict(self) -> dict[str, Any]:
         """Name-keyed, versioned state: plain data only, readable with ``weights_only=True``.
 
-        Holds the step counters, the shadows and their dtypes, the buffer policy, ``update_every``,
-        the schedule (a built-in schedule as data; a user callable is not stored and must be
-        passed again to the EMA that loads this) and, with stochastic rounding, the random
-        stream's counter, so a resumed run draws the bits it would have drawn.
+        Holds the step counters, ``update_every``, the buffer policy, the averaging rule as data
+        (its type, its settings such as the decay schedule, its own state, its slots), the shadows
+        of each slot by name, the copied tensors and the shadows' dtypes, and with stochastic
+        rounding the random stream's counter, so a resumed run draws the bits it would have drawn.
+        A built-in schedule is stored as data; a user callable is not, and must be passed again
+        to the EMA that loads this. The layout, its versions and their upgrades:
+        :mod:`polyak._state`.
         """
         self._engine.wait()
+        shadows = self._slot_shadows()
+        copies = {n: self._shadows[n].detach() for n in self._copied}
         state = {
-            "format": FORMAT,
-            "version": VERSION,
+            "format": _state.FORMAT,
+            "version": _state.VERSION,
             "step": int(self.step),
             "num_averages": int(self.num_averages),
             "update_every": int(self.update_every),
             "buffers": self.buffers,
-            "schedule": schedules.to_state(self.schedule),
-            "shadows": {n: s.detach() for n, s in self._shadows.items()},
+            "rule": _state.encode_rule(self.rule),
+            "shadows": shadows,
+            "copies": copies,
             "shadow_dtypes": {n: dtype_name(s.dtype) for n, s in self._shadows.items()},
-            "kinds": {
-                **dict.fromkeys(self._averaged, "average"),
-                **dict.fromkeys(self._copied, "copy"),
-            },
         }
         counter = self._rng_counter()
         if counter is not None:
             state["rng_counter"] = int(counter.item())
         return state
+
+    def _slot_shadows(self) -> dict[str, dict[str, torch.Tensor]]:
+        """slot -> (name -> shadow) for the averaged names: one slot, named by the rule."""
+        (slot,) = _state.rule_slots(self.rule)
+        return {slot: {n: self._shadows[n].detach() for n in self._averaged}}
 
     def load_state_dict(
         self,
@@ -949,116 +955,56 @@ class EMA:
         *,
         settings: Literal["checkpoint", "current"] = "checkpoint",
     ) -> None:
-        """Load :meth:`state_dict` output; every problem is reported at once, before anything changes.
+        """Load :meth:`state_dict` output, of this version or an older one (upgraded on the way).
 
-        ``settings="checkpoint"`` (the default, for exact resume) takes the checkpoint's decay
-        schedule and ``update_every``, and warns with :class:`LoadedSettingsWarning` where they
-        differ from this EMA's; ``settings="current"`` keeps this EMA's and loads the averages and
-        counters only.
+        Every problem (an unknown version, missing or unexpected names, shapes, dtypes, another
+        rule or buffer policy, malformed counters or settings) is reported at once in one
+        ``ValueError``, before anything changes.
+
+        ``settings="checkpoint"`` (the default, for exact resume) takes the checkpoint's rule
+        settings (the decay schedule) and ``update_every``, and warns with
+        :class:`LoadedSettingsWarning` where they differ from this EMA's; ``settings="current"``
+        keeps this EMA's and loads the averages and counters only (the rule's own state, such as
+        a count, is a counter).
         """
         self._check_idle("load a state dict")  # the shadows may be the model's weights right now
-        if settings not in ("checkpoint", "current"):
-            raise ValueError(
-                f"settings must be 'checkpoint' or 'current', got settings={settings!r}."
-            )
-        if not isinstance(state, Mapping) or state.get("format") != FORMAT:
-            raise ValueError(
-                f"not a polyak.EMA state dict (format={getattr(state, 'get', lambda _: None)('format')!r}); "
-                f"expected the output of EMA.state_dict()."
-            )
-        version = state.get("version")
-        if not isinstance(version, int) or version > VERSION:
-            raise ValueError(
-                f"EMA state version {version!r} is newer than this polyak understands (<= {VERSION}); "
-                f"upgrade polyak."
-            )
-        problems = []
-        shadows = state.get("shadows")
-        if not isinstance(shadows, Mapping) or not all(
-            isinstance(t, torch.Tensor) for t in shadows.values()
-        ):
-            problems.append("'shadows' is not a mapping of names to tensors")
-            shadows = {}
-        missing = [n for n in self._shadows if n not in shadows]
-        unexpected = [n for n in shadows if n not in self._shadows]
-        if missing:
-            problems.append(f"missing names: {missing}")
-        if unexpected:
-            problems.append(f"unexpected names: {unexpected}")
-        for name, tensor in shadows.items():
-            mine = self._shadows.get(name)
-            if mine is None:
-                continue
-            if tensor.shape != mine.shape:
-                problems.append(
-                    f"{name}: shape {tuple(tensor.shape)} in state vs {tuple(mine.shape)} here"
-                )
-            elif tensor.dtype != mine.dtype:
-                problems.append(
-                    f"{name}: dtype {dtype_name(tensor.dtype)} in state vs "
-                    f"{dtype_name(mine.dtype)} here (build the EMA with the same shadow_dtype)"
-                )
-        if state.get("buffers", self.buffers) != self.buffers:
-            problems.append(f"buffer policy {state['buffers']!r} in state vs {self.buffers!r} here")
-        counts = {}
-        for key, least, default in (
-            ("step", 0, None),
-            ("num_averages", 0, 0),
-            ("update_every", 1, self.update_every),
-            ("rng_counter", 0, None),
-        ):
-            value = state.get(key, default)
-            if value is None and key == "rng_counter":
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                problems.append(f"{key}: expected an int >= {least}, got {value!r}")
-            counts[key] = value
-        stored = None
-        try:
-            stored = schedules.from_state(state.get("schedule", {"name": "callable"}))
-        except (TypeError, ValueError) as error:
-            problems.append(f"schedule {state.get('schedule')!r}: {error}")
-        if problems:
-            raise ValueError(
-                "cannot load EMA state (nothing was changed):\n  "
-                + "\n  ".join(problems)
-                + "\nBuild the EMA on the same model with the same buffers=/include=/shadow_dtype="
-                " settings as the one that was saved."
-            )
+        layout = _state.Layout(
+            rule=self.rule,
+            averaged={n: self._shadows[n] for n in self._averaged},
+            copied={n: self._shadows[n] for n in self._copied},
+            buffers=self.buffers,
+            update_every=self.update_every,
+        )
+        plan = _state.parse(state, layout, settings=settings)
         # everything is valid: now change things
-        if settings == "checkpoint":
-            changed = []
-            if stored is not None and schedules.to_state(stored) != schedules.to_state(
-                self.schedule
-            ):
-                changed.append(f"decay schedule {stored!r} replaces {self.schedule!r}")
-            if counts["update_every"] != self.update_every:
-                changed.append(
-                    f"update_every={counts['update_every']} replaces "
-                    f"update_every={self.update_every}"
-                )
-            if changed:
-                warnings.warn(
-                    "EMA.load_state_dict: the checkpoint's settings win for an exact resume: "
-                    + "; ".join(changed)
-                    + ". Pass settings='current' to keep this EMA's.",
-                    LoadedSettingsWarning,
-                    stacklevel=2,
-                )
+        if plan.changed:
+            warnings.warn(
+                "EMA.load_state_dict: the checkpoint's settings win for an exact resume: "
+                + "; ".join(plan.changed)
+                + ". Pass settings='current' to keep this EMA's.",
+                LoadedSettingsWarning,
+                stacklevel=2,
+            )
         self._engine.wait()
         with torch.no_grad():
-            for name, tensor in shadows.items():
+            # one slot (the rule's only one, checked by parse) until the (slot, name) store
+            for tensors in plan.shadows.values():
+                for name, tensor in tensors.items():
+                    self._shadows[name].copy_(tensor)
+            for name, tensor in plan.copies.items():
                 self._shadows[name].copy_(tensor)
-        self.step = counts["step"]
-        self.num_averages = counts["num_averages"]
-        if settings == "checkpoint":
-            self.update_every = counts["update_every"]
+        self.step = plan.step
+        self.num_averages = plan.num_averages
+        if plan.update_every is not None:
+            self.update_every = plan.update_every
             if self.capturable:  # the steps one averaging update covers, for _device_weight
                 self._covered = _covered_offsets(self.update_every, self._step_t.device)
-            if stored is not None:
-                self.schedule = stored
-        if "rng_counter" in counts:
-            self._set_rng_counter(counts["rng_counter"])
+        if plan.rule is not None:  # the checkpoint's settings (a capturable EMA whose rule keeps
+            self.rule = plan.rule  # state must then place that state on the device, as __init__)
+        if plan.rule_state is not None:
+            self.rule.load_state_dict(plan.rule_state)
+        if plan.rng_counter is not None:
+            self._set_rng_counter(plan.rng_counter)
 
     # ------------------------------------------------------------------ housekeeping
 
