@@ -270,11 +270,20 @@ class SlotState:
     def slot_tensors(
         self, weights: list[float | torch.Tensor], device: torch.device
     ) -> list[torch.Tensor]:
-        """The N weights as 0-dim tensors: the caller's, or the views :meth:`fill` wrote."""
-        views = self.slot_weights[device]
-        return [
-            w if isinstance(w, torch.Tensor) else v for w, v in zip(weights, views, strict=True)
-        ]
+        """The N weights as 0-dim tensors: the caller's, or the views :meth:`fill` wrote.
+
+        A device weight given for two slots is copied into the second slot's view: a compiled
+        function guards on its inputs being distinct and would compile again for the alias.
+        """
+        tensors: list[torch.Tensor] = []
+        for weight, view in zip(weights, self.slot_weights[device], strict=True):
+            if not isinstance(weight, torch.Tensor):
+                tensors.append(view)
+            elif any(weight is t for t in tensors):
+                tensors.append(view.copy_(weight))
+            else:
+                tensors.append(weight)
+        return tensors
 
     def advance(self) -> None:
         for counter in self.counters.values():
