@@ -109,9 +109,10 @@ def test_gate_leaves_every_shadow_bit_identical_with_nan_and_inf_sources():
         assert_same_bits(slots[k], opened[k])
 
 
-def test_one_compiled_graph_for_float_and_device_weights_and_any_gate():
-    """Weights filled from floats or given as device tensors, gated or not: one compilation, and
-    the closed form (exact here: fp64, values and weights with few bits)."""
+def test_compilations_float_and_device_weights_and_gates():
+    """Weights filled from floats or given as device tensors (one shared by two slots): one
+    compilation ungated, one more gated whatever the flag, none after; and the closed form (exact
+    here: fp64, values and weights with few bits)."""
     from torch._dynamo.utils import counters
 
     source = torch.arange(8, dtype=torch.float64)
@@ -120,19 +121,23 @@ def test_one_compiled_graph_for_float_and_device_weights_and_any_gate():
     before = counters["stats"]["unique_graphs"]
     want = [torch.zeros(8, dtype=torch.float64), torch.full((8,), 4.0, dtype=torch.float64)]
     gate = torch.zeros((), dtype=torch.bool)
+    shared = torch.tensor(0.5, dtype=torch.float64)
     steps = [
-        ((0.25, 0.5), None),
-        ((torch.tensor(0.75, dtype=torch.float64), 0.125), None),
-        ((0.5, torch.tensor(1.0, dtype=torch.float64)), gate),
-        ((torch.tensor(0.5, dtype=torch.float64),) * 2, torch.ones((), dtype=torch.bool)),
+        ((0.25, 0.5), None, 1),
+        ((torch.tensor(0.75, dtype=torch.float64), 0.125), None, 1),
+        ((shared, shared), None, 1),
+        ((0.5, torch.tensor(1.0, dtype=torch.float64)), gate, 2),
+        ((shared, shared), torch.ones((), dtype=torch.bool), 2),
+        ((0.5, 0.25), gate, 2),
+        ((0.125, 0.375), None, 2),
     ]
-    for weights, skip in steps:
+    for weights, skip, graphs in steps:
         update.lerp_(list(weights), gate=skip)
         if skip is None or not skip:
             want = [w + float(a) * (source - w) for w, a in zip(want, weights, strict=True)]
         for k in range(2):
             assert torch.equal(slots[k][0], want[k]), (weights, k)
-    assert counters["stats"]["unique_graphs"] - before == 1
+        assert counters["stats"]["unique_graphs"] - before == graphs, weights
 
 
 def generated_reads(update: FusedUpdate, weights: list[float]) -> tuple[list[int], list[int]]:

@@ -14,9 +14,13 @@ Each slot's weight ``w_k = 1 - decay_k`` is a 0-dim float64 tensor on the device
 fills (or that a capturable EMA computes on the device), so a new decay never recompiles and never
 synchronises. The gate, a 0-dim bool tensor on the device, selects the old shadow where it is set
 (``torch.where``: a select, so a NaN or inf source cannot leak in, as it would through a zero
-weight); an update given no gate reads a persistent False tensor, so gated and ungated updates
-share one compiled graph (one compilation per group, the cost that dominates this kernel; the
-select costs a scalar load and a blend in a loop bound by memory).
+weight); the flag's value never recompiles. Gated and ungated updates are two compiled variants,
+each compiled on its first use: compilation is what this kernel costs (per tensor: over 45 s for a
+289-tensor model on an H200, against under a second for the Triton kernel), so an update given no
+gate compiles exactly the graph it did before gates existed, and a caller that always passes a
+gate compiles only the gated one. (One variant reading a persistent False gate would save the
+second compilation only for callers that mix the two, and cost every other caller the select's
+share of the compile time, about 10% on a 20-tensor CPU model.)
 
 A set gate leaves every shadow bit-identical, with one exception: a bf16/fp16 shadow that already
 holds a NaN passes through fp32 in the compiled loop and may come back as another NaN (quieted, a
@@ -46,7 +50,7 @@ def lerp_group(
     slots: list[list[torch.Tensor]],
     sources: list[torch.Tensor],
     weights: list[torch.Tensor],
-    gate: torch.Tensor,
+    gate: torch.Tensor | None,
 ) -> None:
     """The pure per-group update the compiler fuses, for every slot ``k``:
 
@@ -54,6 +58,7 @@ def lerp_group(
     ``p`` cast to the shadow's dtype first, computed in fp32 (fp64 for fp64 shadows) and rounded
     once into the shadow, the weight in that dtype too: ATen's ``lerp_`` with a float weight (see
     ``compute_dtype``). The loop runs over tensors, then slots, so each source is read once.
+    ``gate=None`` traces no select at all (a variant of its own, see the module docstring).
     """
     for index, source in enumerate(sources):
         if source.dim() == 0:  # inductor drops in-place writes to 0-dim float64 CPU inputs
@@ -63,7 +68,7 @@ def lerp_group(
             if shadow.dim() == 0:
                 shadow = shadow.view(1)
             new = lerp_in_compute_dtype(shadow, source, weight).to(shadow.dtype)
-            shadow.copy_(torch.where(gate, shadow, new))
+            shadow.copy_(new if gate is None else torch.where(gate, shadow, new))
 
 
 def advance_key(seed: torch.Tensor, counter: torch.Tensor, key: torch.Tensor) -> None:
@@ -80,7 +85,7 @@ def stochastic_lerp_group(
     slots: list[list[torch.Tensor]],
     sources: list[torch.Tensor],
     weights: list[torch.Tensor],
-    gate: torch.Tensor,
+    gate: torch.Tensor | None,
     key: torch.Tensor,
     offsets: list[list[int]],
 ) -> None:
@@ -97,7 +102,7 @@ def stochastic_lerp_group(
             if shadow.dim() == 0:
                 shadow = shadow.view(1)
             new = keyed_stochastic_lerp(shadow, source, weight, key, starts[index])
-            shadow.copy_(torch.where(gate, shadow, new))
+            shadow.copy_(new if gate is None else torch.where(gate, shadow, new))
 
 
 def copy_group(shadows: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
@@ -149,11 +154,14 @@ class FusedUpdate:
             # each slot draws its own stretch of the random stream (see stream_offsets)
             starts = [stream_offsets(self.slots[0], k) for k in range(len(self.slots))]
             self.offsets = [[[start[i] for i in index] for start in starts] for _, index in grouped]
+            # ungated and gated: two private copies, each compiled on its first call
             self._sr = _compile(stochastic_lerp_group)
+            self._sr_gated = _compile(stochastic_lerp_group)
             self._advance = _compile(advance_key)
         # inductor drops the rounding of an fp32 source cast to bf16/fp16 shadows unless told to
         # emulate it; the reference (and ATen) round the source first
         self._lerp = _compile(lerp_group, emulate_precision_casts=True)
+        self._lerp_gated = _compile(lerp_group, emulate_precision_casts=True)
         self._copy = copy_group
 
     def lerp_(
@@ -168,7 +176,7 @@ class FusedUpdate:
         """
         weights = as_weights(weights, len(self.slots))
         if gate is not None:
-            for device in self.state.never:
+            for device in self.state.counters:
                 check_gate(gate, device)
         self.state.fill(weights)
         if self.stochastic:  # one key per update and device, shared by all its groups and slots
@@ -176,11 +184,11 @@ class FusedUpdate:
                 self._advance(self.state.seeds[device], self.state.counters[device], key)
         for index, ((device, _, _), slots, sources) in enumerate(self.groups):
             w = self.state.slot_tensors(weights, device)
-            skip = self.state.never[device] if gate is None else gate
             if self.stochastic:
-                self._sr(slots, sources, w, skip, self.keys[device], self.offsets[index])
+                sr = self._sr if gate is None else self._sr_gated
+                sr(slots, sources, w, gate, self.keys[device], self.offsets[index])
             else:
-                self._lerp(slots, sources, w, skip)
+                (self._lerp if gate is None else self._lerp_gated)(slots, sources, w, gate)
 
     def copy_(self) -> None:
         """Every slot: :math:`s_k \\leftarrow p`."""
