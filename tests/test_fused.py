@@ -164,8 +164,8 @@ def generated_reads(update: FusedUpdate, weights: list[float]) -> tuple[list[int
 
 def test_two_slots_read_each_source_once():
     """In the generated code of a 2-slot update, one kernel reads the source once and writes
-    both shadows: the same source loads as a one-slot update (20 bytes per fp32 element for two
-    slots, not 24)."""
+    both shadows: the same source loads as a one-slot update (for fp32 weights and shadows, 20
+    bytes per element for two slots instead of 24)."""
     source = torch.randn(4096).half()  # the only fp16 input: how the code is searched
     one = FusedUpdate([torch.zeros(4096)], [source])
     two = FusedUpdate([[torch.zeros(4096)], [torch.zeros(4096)]], [source])

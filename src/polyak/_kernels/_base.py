@@ -248,9 +248,9 @@ class SlotState:
 
     ``weights[d]``: the N per-slot weights ``w_k = 1 - decay_k`` as one fp64 vector, and
     ``slot_weights[d]`` its N 0-dim views, filled from Python floats by :meth:`fill` (a new decay
-    never recompiles or synchronises); ``never[d]``: a False gate, for updates given none;
-    ``seeds`` and ``counters`` (int64): the stochastic stream's seed and update counter, advanced
-    once per update by :meth:`advance`, gated or not (captured, it advances at every replay).
+    never recompiles or synchronises); ``never[d]``: a False gate, which the Triton kernel reads
+    when an update is given none; ``seeds`` and ``counters`` (int64): the stochastic stream's seed
+    and update counter, advanced once per update, gated or not (captured, at every replay).
     """
 
     def __init__(self, devices: set[torch.device], slots: int, seed: int = 0) -> None:
