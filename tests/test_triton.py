@@ -130,25 +130,36 @@ def test_one_launch_per_group(monkeypatch):
     update.lerp_(0.5)
     # two groups (fp32, fp64); the fp32 one covers 5000 + 3 elements in 3 + 1 blocks of 2048
     assert launches == [(4,), (1,)]
+    # three slots: the same launches, each program covering its block in every slot
+    launches.clear()
+    slots = [shadows, *[[s.clone() for s in shadows] for _ in range(2)]]
+    _triton.TritonUpdate(slots, sources).lerp_([0.5, 0.25, 0.125])
+    assert launches == [(4,), (1,)]
 
 
 def test_update_allocates_nothing():
+    from polyak._kernels._triton import TritonUpdate
     from tests.test_kernels import allocated_bytes
 
     sources = on_device([torch.randn(4096).bfloat16() for _ in range(3)])
+    gate = torch.zeros((), dtype=torch.bool, device=DEVICE)
+    weight = torch.tensor(0.3, dtype=torch.float64, device=DEVICE)
     for rounding, dtype in [("nearest", torch.float32), ("stochastic", torch.bfloat16)]:
         shadows = [s.to(dtype).clone() for s in sources]
         update = _kernels.build("triton", shadows, sources, rounding=rounding)
-        update.lerp_(0.1)  # compile / plan
-        if CUDA:
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            update.lerp_(0.2)
-            torch.cuda.synchronize()
-            assert torch.cuda.max_memory_allocated() - before <= 1024
-        else:  # torch-side allocations only (the interpreter works in numpy; it boxes a scalar)
-            assert allocated_bytes(lambda u=update: u.lerp_(0.2)) <= 64, rounding
+        slots = [[s.clone() for s in shadows] for _ in range(2)]
+        two = TritonUpdate(slots, sources, stochastic=rounding == "stochastic")
+        for run in [lambda u=update: u.lerp_(0.2), lambda u=two: u.lerp_([0.2, weight], gate)]:
+            run()  # compile / plan
+            if CUDA:
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                run()
+                torch.cuda.synchronize()
+                assert torch.cuda.max_memory_allocated() - before <= 1024
+            else:  # torch-side allocations only (the interpreter works in numpy; it boxes a scalar)
+                assert allocated_bytes(run) <= 64, rounding
 
 
 def test_stochastic_rounding_draws_the_same_bits_as_the_reference():
@@ -297,6 +308,167 @@ def test_clear_errors():
             os.environ["TRITON_INTERPRET"] = old
 
 
+# ---------------------------------------------------------------- N slots and the gate
+
+
+def triton_update(*args, **kwargs):
+    """A ``TritonUpdate`` from the module as (re)loaded by the interpreter fixture."""
+    from polyak._kernels._triton import TritonUpdate
+
+    return TritonUpdate(*args, **kwargs)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns (NaN payloads and the sign of zero included), on the CPU."""
+    return t.cpu().view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def assert_same_bits(got, want):
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert torch.equal(bits(g), bits(w)), i
+
+
+@pytest.mark.parametrize(("src", "dst"), [*DTYPE_PAIRS, (torch.float16, torch.float16)])
+def test_slots_equal_one_slot_updates_bit_for_bit(src, dst):
+    """Each slot of a 2-slot launch is what today's one-slot update gives it: float and device
+    weights mixed, both lerp branches, and one device weight shared by both slots."""
+    sources, start0 = make(src, dst, seed=5)
+    _, start1 = make(src, dst, seed=6)
+    sources = on_device(sources)
+    slots = [on_device([s.clone() for s in start0]), on_device([s.clone() for s in start1])]
+    two = triton_update(slots, sources)
+    scratch = on_device([s.clone() for s in start0])
+    one = _kernels.build("triton", scratch, sources)  # today's one-slot form
+    want = [on_device([s.clone() for s in start0]), on_device([s.clone() for s in start1])]
+    shared = torch.tensor(0.375, dtype=torch.float64, device=DEVICE)
+    for weights in [(0.1, 0.7), (torch.tensor(0.9, dtype=torch.float64, device=DEVICE), 0.25),
+                    (shared, shared)]:  # fmt: skip
+        two.lerp_(list(weights))
+        for k, weight in enumerate(weights):
+            torch._foreach_copy_(scratch, want[k])
+            one.lerp_(weight)
+            torch._foreach_copy_(want[k], scratch)
+        for k in range(2):
+            assert_same_bits(slots[k], want[k])
+    moved = [not torch.equal(a.cpu(), b) for a, b in zip(slots[1], start1, strict=True)]
+    assert all(moved)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_gate_keeps_every_bit_of_every_slot(rounding):
+    """A set gate: no store at all, so every bit stays, NaN payloads in 16-bit shadows too;
+    the stochastic counter still advances. An open gate updates as no gate does."""
+    inf, nan = float("inf"), float("nan")
+    source = torch.tensor([nan, inf, -inf, 1.0, 2.0, -3.0, nan, 0.5] * 300)
+    shadow = torch.tensor([1.0, -2.0, 0.5, inf, -0.0, 1e-40, 0.0, -inf] * 300)
+    dtypes = [torch.bfloat16] if rounding == "stochastic" else [torch.float32, torch.bfloat16,
+                                                                torch.float16, torch.float64]  # fmt: skip
+    sources = on_device([source.to(d) for d in dtypes])
+    slots = []
+    for sign in (1, -1):
+        slot = [(sign * shadow).to(d) for d in dtypes]
+        for t in slot:
+            bits(t)[6::8] = 0x7D01 if t.dtype == torch.float16 else 0x7F81  # signalling NaNs
+        slots.append(on_device(slot))
+    before = [[t.clone() for t in slot] for slot in slots]
+    update = triton_update(slots, sources, stochastic=rounding == "stochastic", seed=3)
+    gate = torch.ones((), dtype=torch.bool, device=DEVICE)
+    for weights in [(0.5, 0.0), (1.0, torch.tensor(0.25, dtype=torch.float64, device=DEVICE))]:
+        update.lerp_(list(weights), gate=gate)
+        for k in range(2):
+            assert_same_bits(slots[k], before[k])
+    assert all(c.item() == (2 if rounding == "stochastic" else 0)
+               for c in update.state.counters.values())  # fmt: skip
+    gate.fill_(False)
+    update.lerp_([0.5, 0.0], gate=gate)
+    opened = [[t.clone() for t in slot] for slot in slots]
+    assert opened[0][0][0].isnan() and opened[1][0][0].isnan()  # a NaN source reaches both
+    for k in range(2):
+        torch._foreach_copy_(slots[k], before[k])
+    for counter in update.state.counters.values():
+        counter.sub_(1)  # the same stream position again
+    update.lerp_([0.5, 0.0])
+    for k in range(2):
+        assert_same_bits(slots[k], opened[k])
+
+
+def test_stochastic_slots_draw_the_shifted_stream():
+    """Slot 0 draws exactly the one-slot bits (today's), slot k the stream at
+    ``stream_offsets(., k)``, bit for bit with the eager definition. Weight 0.5 and values in
+    [1, 2) make the fp32 lerp exact in every formula, so the rounded bits are the stream's."""
+    from polyak._kernels._stochastic import stochastic_lerp_, stream_offsets
+
+    gen = torch.Generator().manual_seed(3)
+    sources = [torch.rand(3000, generator=gen) + 1, torch.rand(7, 5, generator=gen) + 1]
+    start = [(torch.rand(s.shape, generator=gen) + 1).bfloat16() for s in sources]
+    slots = [on_device([s.clone() for s in start]) for _ in range(3)]  # alike: the stream differs
+    update = triton_update(slots, on_device(sources), stochastic=True, seed=7)
+    one = on_device([s.clone() for s in start])
+    single = _kernels.build("triton", one, on_device(sources), rounding="stochastic", seed=7)
+    ref = [s.clone() for s in start]
+    reference = _kernels.build("reference", ref, sources, rounding="stochastic", seed=7)
+    want = [[s.clone() for s in start] for _ in range(3)]
+    seed = torch.tensor(7)
+    for counter, gated in [(1, False), (2, True), (3, False)]:
+        update.lerp_([0.5] * 3, gate=torch.tensor(gated, device=DEVICE))
+        single.lerp_(0.5)
+        reference.lerp_(0.5)
+        if not gated:
+            for k in range(3):
+                for shadow, source, offset in zip(
+                    want[k], sources, stream_offsets(start, k), strict=True
+                ):
+                    weight, count = torch.tensor(0.5), torch.tensor(counter)
+                    stochastic_lerp_(shadow, source, weight, seed, count, offset)
+        for k in range(3):
+            assert_same_bits(slots[k], want[k])
+        if counter == 1:  # slot 0: today's bits, of the one-slot Triton and reference kernels
+            assert_same_bits(slots[0], one)
+            assert_same_bits(slots[0], ref)
+            assert not torch.equal(slots[1][0], slots[0][0])
+            assert not torch.equal(slots[2][0], slots[1][0])
+
+
+def test_slot_errors_are_clear():
+    sources = on_device([torch.ones(2, 3, 4, 5)])
+    shadow = on_device([torch.zeros(2, 3, 4, 5)])[0]
+    with pytest.raises(ValueError, match="slot 1 holds 0 shadows for 1 sources"):
+        triton_update([[shadow], []], sources)
+    other = shadow.clone().contiguous(memory_format=torch.channels_last)
+    with pytest.raises(ValueError, match="dense and laid out like its shadow"):
+        triton_update([[shadow], [other]], sources)
+    update = triton_update([[shadow], [shadow.clone()]], sources)
+    with pytest.raises(ValueError, match="got 1 weights for 2 slots"):
+        update.lerp_(0.5)
+    with pytest.raises(TypeError, match="gate must be None or a 0-dim bool tensor"):
+        update.lerp_([0.5, 0.5], gate=torch.zeros((), dtype=torch.int8, device=DEVICE))
+    with pytest.raises(ValueError, match="the gate is on meta"):
+        update.lerp_([0.5, 0.5], gate=torch.zeros((), dtype=torch.bool, device="meta"))
+    assert torch.equal(shadow.cpu(), torch.zeros(2, 3, 4, 5))
+
+
+@pytest.mark.skipif(not CUDA, reason="host syncs are a GPU matter")
+def test_gated_slots_update_without_a_host_sync():
+    source = torch.randn(4096, device="cuda")
+    slots = [[torch.zeros(4096, device="cuda")], [torch.zeros(4096, device="cuda")]]
+    update = triton_update(slots, [source])
+    gate = torch.zeros((), dtype=torch.bool, device="cuda")
+    weights = [torch.tensor(0.5, dtype=torch.float64, device="cuda"), 0.25]
+    update.lerp_(weights, gate=gate)  # compile
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        gate.fill_(True)
+        update.lerp_(weights, gate=gate)
+        gate.fill_(False)
+        update.lerp_(weights, gate=gate)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(slots[0][0], 0.75 * source)
+    torch.testing.assert_close(slots[1][0], 0.4375 * source)
+
+
 @pytest.mark.skipif(not CUDA, reason="host syncs are a GPU matter")
 def test_tables_are_rebuilt_without_a_host_sync():
     model = nn.Linear(64, 64).cuda()
@@ -359,19 +531,21 @@ from polyak._kernels import _triton
 
 signature = {name: "*i64" for name in ["shadow_ptrs", "source_ptrs", "numels", "stream_starts",
                                        "block_start", "seed_ptr", "counter_ptr"]}
-signature.update(block_tensor="*i32", weight_ptr="*fp64")
+signature.update(block_tensor="*i32", weight_ptr="*fp64", gate_ptr="*i1")
 names = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": tl.float64}
 out = {}
 for case in sys.argv[1:]:
-    shadow, source, stochastic, aligned, *debug = case.split("-")
+    shadow, source, stochastic, aligned, *rest = case.split("-")
+    slots = int(rest.pop(0)[1:]) if rest and rest[0].startswith("x") else 1
+    debug = "debug" in rest
     constexprs = dict(SHADOW=names[shadow], SOURCE=names[source],
                       COMPUTE=tl.float64 if shadow == "fp64" else tl.float32,
                       STOCHASTIC=stochastic == "sr", ALIGNED=aligned == "aligned",
-                      BLOCK=_triton.BLOCK)
+                      SLOTS=slots, BLOCK=_triton.BLOCK)
     sig = dict(signature, **{k: "constexpr" for k in constexprs})
     kernel = triton.compile(ASTSource(fn=_triton._lerp_kernel, signature=sig, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32),
-                            options=dict(_triton.LAUNCH_OPTIONS, debug=bool(debug)))
+                            options=dict(_triton.LAUNCH_OPTIONS, debug=debug))
     ptx = kernel.asm["ptx"]
     out[case] = {"ld128": ptx.count("ld.global.v4") + ptx.count("ld.global.v2.b64")
                  + ptx.count("ld.global.v2.f64"),
@@ -386,7 +560,8 @@ print(json.dumps(out))
 def test_kernel_compiles_for_hopper_with_128_bit_accesses(tmp_path):
     """Without a GPU: Triton compiles every variant to sm_90 machine code (its bundled ptxas) with
     the options of the real launch, whole blocks of aligned tensors use 128-bit loads and stores
-    (the bandwidth-bound pattern), and a debug build asserts nothing in the random stream."""
+    (the bandwidth-bound pattern), a debug build asserts nothing in the random stream, and with N
+    slots the source is loaded once: each extra slot adds only its shadow's loads and stores."""
     import importlib.util
     import json
     import subprocess
@@ -396,7 +571,8 @@ def test_kernel_compiles_for_hopper_with_128_bit_accesses(tmp_path):
         pytest.skip("this triton has no NVIDIA backend")
     cases = ["fp32-fp32-rn-aligned", "fp32-bf16-rn-aligned", "bf16-bf16-sr-aligned",
              "bf16-fp32-sr-aligned", "fp64-fp64-rn-aligned", "fp16-fp16-rn-aligned",
-             "fp32-fp32-rn-unaligned", "bf16-bf16-sr-aligned-debug"]  # fmt: skip
+             "fp32-fp32-rn-unaligned", "bf16-bf16-sr-aligned-debug",
+             "fp32-fp32-rn-aligned-x2", "fp32-bf16-rn-aligned-x3", "bf16-fp32-sr-aligned-x3"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(polyak.__file__).parents[1]),
@@ -415,3 +591,11 @@ def test_kernel_compiles_for_hopper_with_128_bit_accesses(tmp_path):
     # TRITON_DEBUG=1 compiles in device asserts, but none for the random stream's wrapping 32-bit
     # multiplies (they would fire on nearly every element): LAUNCH_OPTIONS turns that check off
     assert counts["bf16-bf16-sr-aligned-debug"]["asserts"] == 0
+    # N slots: N times the shadow's 128-bit loads (as many as its stores), the source's once
+    for one, many, n in [("fp32-fp32-rn-aligned", "fp32-fp32-rn-aligned-x2", 2),
+                         ("fp32-bf16-rn-aligned", "fp32-bf16-rn-aligned-x3", 3),
+                         ("bf16-fp32-sr-aligned", "bf16-fp32-sr-aligned-x3", 3)]:  # fmt: skip
+        per_slot = counts[one]["st128"]
+        assert counts[many]["st128"] == n * per_slot, (many, counts[many])
+        assert counts[many]["ld128"] == counts[one]["ld128"] + (n - 1) * per_slot, counts[many]
+        assert counts[one]["ld128"] > per_slot  # the source's loads, counted once

@@ -16,6 +16,11 @@ The stream, in 32-bit unsigned arithmetic (``>>`` logical, products mod 2**32)::
     h       = (h ^ (h >> 16)) * 0x846CA68B
     bits16  = h >> 16                                         # the top 16 bits, in [0, 65536)
 
+``offset + i`` is the element's position in the random stream (:func:`stream_offsets`): a tensor
+starts where the ones before it in its slot end, and slot ``k`` of an N-slot update (``k`` = 0, 1,
+...) is shifted by ``k`` times the elements of one slot, so its N slots draw N disjoint stretches
+and slot 0 draws exactly the bits of a one-slot update.
+
 Why the per-element part may be this cheap: ``key`` is a full hash of (seed, counter), so for a
 fixed element the words ``offset + i + key`` of successive updates are uniform and independent of
 one another; the rest is a bijection of 32-bit words (odd multiplies, an xorshift), which keeps
@@ -28,6 +33,8 @@ vectorises them, while a float -> int32 bit reinterpretation goes through a scal
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -134,6 +141,34 @@ def round_to_bf16_float(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
     return (torch.floor(x / g + bits16.float() * 2.0**-16) * g).to(torch.bfloat16)
 
 
+def stream_offsets(shadows: Sequence[torch.Tensor], slot: int = 0) -> list[int]:
+    """Where each of one slot's shadows starts in the random stream, for slot ``slot``.
+
+    :math:`o_{k,i} = \\sum_{j<i} n_j + k \\sum_j n_j` for the shadow ``i`` of slot ``k``, with
+    :math:`n_j` the elements of shadow ``j`` (all slots hold the same shapes): the start of the
+    shadow in the concatenation of one slot's shadows, shifted by ``k`` slots. Slot 0 is the
+    offset every one-slot update has always used.
+    """
+    offsets, total = [], 0
+    for shadow in shadows:
+        offsets.append(total)
+        total += shadow.numel()
+    return [offset + slot * total for offset in offsets]
+
+
+def keyed_stochastic_lerp(
+    shadow: torch.Tensor,
+    source: torch.Tensor,
+    weight: torch.Tensor,
+    key: torch.Tensor,
+    offset: int,
+) -> torch.Tensor:
+    """``sr(lerp(shadow, source, weight))`` in fp32 with this update's ``key``, as a new bf16 tensor."""
+    value = torch.lerp(shadow.float(), source.float(), weight.float())
+    bits = random_bits16(shadow.numel(), key, offset, shadow.device).view(shadow.shape)
+    return round_to_bf16(value, bits)
+
+
 def keyed_stochastic_lerp_(
     shadow: torch.Tensor,
     source: torch.Tensor,
@@ -142,9 +177,7 @@ def keyed_stochastic_lerp_(
     offset: int,
 ) -> None:
     """``shadow = sr(lerp(shadow, source, weight))`` in fp32, with this update's ``key``."""
-    value = torch.lerp(shadow.float(), source.float(), weight.float())
-    bits = random_bits16(shadow.numel(), key, offset, shadow.device).view(shadow.shape)
-    shadow.copy_(round_to_bf16(value, bits))
+    shadow.copy_(keyed_stochastic_lerp(shadow, source, weight, key, offset))
 
 
 def stochastic_lerp_(

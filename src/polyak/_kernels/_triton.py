@@ -1,21 +1,27 @@
 """The Triton path: one kernel launch per (device, dtype) group, however many tensors it holds.
 
 A launch covers every tensor of a group through tables built once at construction: the address of
-each shadow and source, each tensor's element count and its start in the random stream, and for
-each program (a block of ``BLOCK`` elements) the tensor it works on and where in it. A program
-reads its block of the source and the shadow once and writes the shadow once, upcasting bf16/fp16
-sources in registers, so the bytes moved are the floor (10 per element for bf16 weights with fp32
-shadows, 12 for fp32, 6 for bf16 shadows with stochastic rounding), nothing is allocated per update,
-nothing is compiled per tensor (one compilation per dtype combination, about a second), and the
-weight ``w = 1 - decay`` is read from the device, so the update is CUDA-graph capturable.
+each shadow (of each of the N slots) and source, each tensor's element count and each shadow's
+start in the random stream, and for each program (a block of ``BLOCK`` elements) the tensor it works
+on and where in it. A program reads its block of the source once and, for each slot, reads and
+writes that slot's shadow once, upcasting bf16/fp16 sources in registers, so the bytes moved are the
+floor (``p + 2N s`` per element: 10 for bf16 weights with one fp32 slot, 12 for fp32, 20 for two
+fp32 slots, 6 for bf16 shadows with stochastic rounding), nothing is allocated per update, nothing is
+compiled per tensor (one compilation per dtype combination and N, about a second), and the N
+weights ``w_k = 1 - decay_k`` are read from the device, so the update is CUDA-graph capturable.
+
+The gate (a 0-dim bool tensor on the device, or a persistent False one) is the first thing each
+program loads; where it is set the program returns before any store, so every shadow keeps its
+bits, whatever the source holds.
 
 Per element, in the shadow's compute precision (fp32, or fp64 for fp64 shadows), as ``torch.lerp``::
 
-    s <- s + w (p - s)          if |w| < 0.5
-    s <- p - (p - s)(1 - w)     otherwise
+    s_k <- s_k + w_k (p - s_k)          if |w_k| < 0.5
+    s_k <- p - (p - s_k)(1 - w_k)       otherwise
 
 then rounded to the shadow dtype: to nearest, or stochastically into bf16 with exactly the random
-stream of :mod:`._stochastic` (same seed, counter and element offsets give the same bits).
+stream of :mod:`._stochastic` (same seed, counter and element offsets give the same bits; slot k at
+the offsets of ``stream_offsets(shadows, k)``).
 
 Because Triton takes addresses, not tensors, every update compares the sources' current addresses
 with the planned ones (one ``data_ptr()`` per weight on the host, about 0.07 µs each, no device
@@ -37,6 +43,7 @@ elements, elements 2**32 apart draw the same bits (each still unbiased), as in t
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from contextlib import nullcontext
 
 import torch
@@ -44,11 +51,14 @@ import triton
 import triton.language as tl
 
 from polyak._kernels._base import (
-    DeviceState,
-    group_by_device_and_dtype,
+    SlotState,
+    as_slots,
+    as_weights,
+    check_gate,
+    group_slots,
     require_bf16_shadows,
-    segment_offsets,
 )
+from polyak._kernels._stochastic import stream_offsets
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps, four 128-bit fp32 loads
 LAUNCH_OPTIONS = {"num_warps": 4, "sanitize_overflow": False, "enable_fp_fusion": True}
@@ -97,14 +107,11 @@ def _round(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _block(
-    shadow, source, offsets, mask, w, key, stream_start, SHADOW, COMPUTE, STOCHASTIC: tl.constexpr
+    shadow, p, offsets, mask, w, key, stream_start, SHADOW, COMPUTE, STOCHASTIC: tl.constexpr
 ):
-    """One block of one tensor: ``s = lerp(s, p, w)``, rounded into the shadow (``mask``: the tail)."""
+    """One block of one slot's shadow: ``s = lerp(s, p, w)`` (``p`` loaded, in ``COMPUTE``),
+    rounded into the shadow (``mask``: the tail)."""
     s = tl.load(shadow + offsets, mask=mask).to(COMPUTE)
-    if STOCHASTIC:
-        p = tl.load(source + offsets, mask=mask).to(COMPUTE)
-    else:  # the reference casts the source to the shadow's dtype first
-        p = _round(tl.load(source + offsets, mask=mask), SHADOW).to(COMPUTE)
     diff = p - s
     value = tl.where(tl.abs(w) < 0.5, s + w * diff, p - diff * (1.0 - w))
 
@@ -122,6 +129,38 @@ def _block(
 
 
 @triton.jit
+def _slots(
+    shadow_ptrs,
+    source,
+    stream_starts,
+    weight_ptr,
+    tensor,
+    offsets,
+    mask,
+    key,
+    SHADOW,
+    COMPUTE,
+    STOCHASTIC: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    SLOTS: tl.constexpr,
+):
+    """One block of one tensor in every slot: the source block is loaded once, for all N slots."""
+    if STOCHASTIC:
+        p = tl.load(source + offsets, mask=mask).to(COMPUTE)
+    else:  # the reference casts the source to the shadow's dtype first
+        p = _round(tl.load(source + offsets, mask=mask), SHADOW).to(COMPUTE)
+    for k in tl.static_range(SLOTS):  # tables are [tensor][slot]
+        shadow = tl.load(shadow_ptrs + tensor * SLOTS + k).to(tl.pointer_type(SHADOW))
+        if ALIGNED:
+            shadow = tl.multiple_of(shadow, 16)
+        w = tl.load(weight_ptr + k).to(COMPUTE)
+        stream_start = 0
+        if STOCHASTIC:
+            stream_start = tl.load(stream_starts + tensor * SLOTS + k)
+        _block(shadow, p, offsets, mask, w, key, stream_start, SHADOW, COMPUTE, STOCHASTIC)
+
+
+@triton.jit
 def _lerp_kernel(
     shadow_ptrs,
     source_ptrs,
@@ -132,47 +171,63 @@ def _lerp_kernel(
     weight_ptr,
     seed_ptr,
     counter_ptr,
+    gate_ptr,
     SHADOW: tl.constexpr,
     SOURCE: tl.constexpr,
     COMPUTE: tl.constexpr,
     STOCHASTIC: tl.constexpr,
     ALIGNED: tl.constexpr,
+    SLOTS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    if tl.load(gate_ptr):  # a skipped update: no store at all
+        return
     pid = tl.program_id(0)
     tensor = tl.load(block_tensor + pid)
     start = tl.multiple_of(tl.load(block_start + pid), BLOCK)  # blocks start at multiples of BLOCK
     numel = tl.load(numels + tensor)
-    shadow = tl.load(shadow_ptrs + tensor).to(tl.pointer_type(SHADOW))
     source = tl.load(source_ptrs + tensor).to(tl.pointer_type(SOURCE))
     # every address of the group is 16-byte aligned (checked on the host): 128-bit accesses
     if ALIGNED:
-        shadow = tl.multiple_of(shadow, 16)
         source = tl.multiple_of(source, 16)
     offsets = start + tl.arange(0, BLOCK).to(tl.int64)
 
-    w = tl.load(weight_ptr).to(COMPUTE)
     key = 0  # (tl.zeros here fails in the interpreter once triton was imported without it)
-    stream_start = 0
     if STOCHASTIC:
         key = _mix(
             _mix(tl.load(seed_ptr).to(tl.uint32)) + tl.load(counter_ptr).to(tl.uint32) * _GOLDEN
         )
-        stream_start = tl.load(stream_starts + tensor)
     if start + BLOCK <= numel:  # a whole block: no mask, so loads and stores can be vectorised
-        _block(shadow, source, offsets, None, w, key, stream_start, SHADOW, COMPUTE, STOCHASTIC)
-    else:
-        _block(
-            shadow,
+        _slots(
+            shadow_ptrs,
             source,
+            stream_starts,
+            weight_ptr,
+            tensor,
             offsets,
-            offsets < numel,
-            w,
+            None,
             key,
-            stream_start,
             SHADOW,
             COMPUTE,
             STOCHASTIC,
+            ALIGNED,
+            SLOTS,
+        )
+    else:
+        _slots(
+            shadow_ptrs,
+            source,
+            stream_starts,
+            weight_ptr,
+            tensor,
+            offsets,
+            offsets < numel,
+            key,
+            SHADOW,
+            COMPUTE,
+            STOCHASTIC,
+            ALIGNED,
+            SLOTS,
         )
 
 
@@ -203,12 +258,16 @@ def _dense_alike(shadow: torch.Tensor, source: torch.Tensor) -> bool:
 
 
 class _Group:
-    """The tables of one (device, dtype) group; rebuilt when a tensor's address changes."""
+    """The tables of one (device, dtype) group; rebuilt when a source's address changes.
+
+    ``slots[k]`` holds slot k's shadows of ``sources``; ``starts[k]`` their stream offsets.
+    """
 
     def __init__(
-        self, shadows: list[torch.Tensor], sources: list[torch.Tensor], starts: list[int]
+        self, slots: list[list[torch.Tensor]], sources: list[torch.Tensor], starts: list[list[int]]
     ) -> None:
-        self.shadows, self.sources = shadows, sources
+        self.slots, self.sources = slots, sources
+        shadows = slots[0]
         self.device = shadows[0].device
         self.shadow_dtype, self.source_dtype = shadows[0].dtype, sources[0].dtype
         self.compute = tl.float64 if self.shadow_dtype == torch.float64 else tl.float32
@@ -217,12 +276,16 @@ class _Group:
         self.n_blocks = sum(blocks)
         block_tensor = [i for i, n in enumerate(blocks) for _ in range(n)]
         block_start = [b * BLOCK for n in blocks for b in range(n)]
+        # [tensor][slot] tables: one program reads its tensor's N entries side by side
+        by_tensor = list(zip(*slots, strict=True))
+        shadow_addresses = [a for tensors in by_tensor for a in _addresses(list(tensors))]
         self.numels = _table(numels, torch.int64, self.device)
-        self.stream_starts = _table(starts, torch.int64, self.device)
+        self.stream_starts = _table(
+            [o for offsets in zip(*starts, strict=True) for o in offsets], torch.int64, self.device
+        )
         self.block_tensor = _table(block_tensor, torch.int32, self.device)
         self.block_start = _table(block_start, torch.int64, self.device)
-        shadow_addresses = _addresses(shadows)
-        self.shadow_ptrs = _table(list(shadow_addresses), torch.int64, self.device)
+        self.shadow_ptrs = _table(shadow_addresses, torch.int64, self.device)
         self.source_ptrs = torch.empty(len(sources), dtype=torch.int64, device=self.device)
         self.shadow_aligned = all(a % 16 == 0 for a in shadow_addresses)
         self.planned: tuple[int, ...] = ()
@@ -239,64 +302,102 @@ class _Group:
                 "the last update, and a CUDA graph is being captured: the Triton kernel's address "
                 "tables cannot be rebuilt inside a capture. Run one ema.update() before capturing."
             )
-        for shadow, source in zip(self.shadows, self.sources, strict=True):
-            if (
-                source.dtype != self.source_dtype
-                or source.device != self.device
-                or not _dense_alike(shadow, source)
-            ):
-                raise RuntimeError(
-                    f"a tracked tensor changed since the EMA was built (now {source.dtype} "
-                    f"{tuple(source.shape)} on {source.device}, strides {source.stride()}; its "
-                    f"shadow is {shadow.dtype} on {shadow.device}, strides {shadow.stride()}); "
-                    f"call ema.to(device) after moving the model, or build the EMA after "
-                    f"changing dtypes or memory formats."
-                )
+        for shadows in self.slots:
+            for shadow, source in zip(shadows, self.sources, strict=True):
+                if (
+                    source.dtype != self.source_dtype
+                    or source.device != self.device
+                    or not _dense_alike(shadow, source)
+                ):
+                    raise RuntimeError(
+                        f"a tracked tensor changed since the EMA was built (now {source.dtype} "
+                        f"{tuple(source.shape)} on {source.device}, strides {source.stride()}; "
+                        f"its shadow is {shadow.dtype} on {shadow.device}, strides "
+                        f"{shadow.stride()}); call ema.to(device) after moving the model, or "
+                        f"build the EMA after changing dtypes or memory formats."
+                    )
         _fill(self.source_ptrs, now)
         self.aligned = self.shadow_aligned and all(address % 16 == 0 for address in now)
         self.planned = now
 
 
 class TritonUpdate:
-    """One Triton launch per (device, dtype) group; optionally stochastic rounding into bf16."""
+    """One Triton launch per (device, dtype) group for all N slots; optionally stochastic rounding.
+
+    ``slots[k][i]`` is slot ``k``'s shadow of ``sources[i]`` (a plain list of shadows is one slot).
+    """
 
     def __init__(
         self,
-        shadows: list[torch.Tensor],
+        slots: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
         sources: list[torch.Tensor],
         *,
         stochastic: bool = False,
         seed: int = 0,
     ) -> None:
-        check_applicable(shadows, sources)
+        self.slots = as_slots(slots, sources)
+        for shadows in self.slots:
+            check_applicable(shadows, sources)
         if stochastic:
-            require_bf16_shadows(shadows)
+            require_bf16_shadows(self.slots[0])
         self.stochastic = stochastic
-        start = {id(s): o for s, o in zip(shadows, segment_offsets(shadows), strict=True)}
-        self.all_shadows, self.all_sources = shadows, sources
+        self.sources = list(sources)
+        starts = [stream_offsets(self.slots[0], k) for k in range(len(self.slots))]
         self.groups: list[_Group] = []
-        for (_, shadow_dtype, _), (group_shadows, group_sources) in group_by_device_and_dtype(
-            shadows, sources
-        ).items():
+        for (_, shadow_dtype, _), index in group_slots(self.slots, sources):
             if not shadow_dtype.is_floating_point:
                 continue  # copied, never averaged
-            starts = [start[id(s)] for s in group_shadows]
-            self.groups.append(_Group(group_shadows, group_sources, starts))
+            self.groups.append(
+                _Group(
+                    [[slot[i] for i in index] for slot in self.slots],
+                    [sources[i] for i in index],
+                    [[start[i] for i in index] for start in starts],
+                )
+            )
         devices = {g.device for g in self.groups}
-        self.state = DeviceState(devices, seed)
+        self.state = SlotState(devices, len(self.slots), seed)
 
-    def lerp_(self, weight: float | torch.Tensor) -> None:
-        self.state.fill(weight)
-        if self.stochastic:
+    def lerp_(
+        self,
+        weights: float | torch.Tensor | Sequence[float | torch.Tensor],
+        gate: torch.Tensor | None = None,
+    ) -> None:
+        """Every slot ``k``: :math:`s_k \\leftarrow \\mathrm{lerp}(s_k, p, w_k)`, unless ``gate``.
+
+        ``weights``: one float or 0-dim tensor per slot (one alone for one slot). ``gate``: None,
+        or a 0-dim bool tensor on the shadows' device; True leaves every shadow as it was.
+        """
+        weights = as_weights(weights, len(self.slots))
+        if gate is not None:
+            for group in self.groups:
+                check_gate(gate, group.device)
+        self.state.fill(weights)
+        if self.stochastic:  # once per update, gated or not
             self.state.advance()
         for group in self.groups:
             # Triton launches on the current device: make it the group's
             with torch.cuda.device(group.device) if group.device.type == "cuda" else nullcontext():
                 group.refresh()
                 if group.n_blocks:
-                    self._launch(group, weight)
+                    self._launch(group, weights, gate)
 
-    def _launch(self, group: _Group, weight: float | torch.Tensor) -> None:
+    def _weights(self, weights: list[float | torch.Tensor], device: torch.device) -> torch.Tensor:
+        """The N weights as N consecutive values on ``device``, for the kernel to read.
+
+        One device weight is passed as is (the one-slot capturable update); otherwise device
+        weights are copied into their slot of the persistent vector that :meth:`SlotState.fill`
+        wrote the float weights into (a kernel per device weight, capturable).
+        """
+        if len(weights) == 1 and isinstance(weights[0], torch.Tensor):
+            return weights[0]
+        for view, weight in zip(self.state.slot_weights[device], weights, strict=True):
+            if isinstance(weight, torch.Tensor):
+                view.copy_(weight)
+        return self.state.weights[device]
+
+    def _launch(
+        self, group: _Group, weights: list[float | torch.Tensor], gate: torch.Tensor | None
+    ) -> None:
         device = group.device
         _lerp_kernel[(group.n_blocks,)](
             group.shadow_ptrs,
@@ -305,21 +406,25 @@ class TritonUpdate:
             group.stream_starts,
             group.block_tensor,
             group.block_start,
-            self.state.weight(weight, device),
+            self._weights(weights, device),
             self.state.seeds[device],
             self.state.counters[device],
+            self.state.never[device] if gate is None else gate,
             SHADOW=_TL_DTYPES[group.shadow_dtype],
             SOURCE=_TL_DTYPES[group.source_dtype],
             COMPUTE=group.compute,
             STOCHASTIC=self.stochastic,
             ALIGNED=group.aligned,
+            SLOTS=len(self.slots),
             BLOCK=BLOCK,
             **LAUNCH_OPTIONS,
         )
 
     def copy_(self) -> None:
-        if self.all_shadows:
-            torch._foreach_copy_(self.all_shadows, self.all_sources)
+        """Every slot: :math:`s_k \\leftarrow p`."""
+        for shadows in self.slots:
+            if shadows:
+                torch._foreach_copy_(shadows, self.sources)
 
 
 def check_applicable(shadows: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
