@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from polyak._kernels._base import Update
+from polyak._kernels._base import Update, as_slots, check_slots
 from polyak._kernels._engine import Engine
 from polyak._kernels._foreach import ForeachUpdate, check_device_weight, rounds_device_weight
 from polyak._kernels._fused import FusedUpdate
@@ -146,22 +146,40 @@ def _has_triton() -> bool:
     return True
 
 
+# Kernels whose Update still takes one flat list of shadows (k2 brings them to N slots in issue 14;
+# the lead empties this set when merging): build hands them slot 0's list.
+_ONE_SLOT_KERNELS = {"fused", "triton"}
+
+
 def build(
     kernel: str,
-    shadows: Sequence[torch.Tensor],
+    shadows: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
     sources: Sequence[torch.Tensor],
     *,
     rounding: str = "nearest",
     seed: int = 0,
 ) -> Update:
-    """Plan the update of ``shadows`` from ``sources`` with the named kernel."""
+    """Plan the update of ``shadows`` from ``sources`` with the named kernel.
+
+    ``shadows``: one slot's shadows (a list of tensors, one per source) or N slots' (a list of N
+    such lists, :func:`~polyak._kernels._base.as_slots`); ``update.lerp_([w_0, ..., w_{N-1}])``
+    then averages ``sources`` into every slot in one update.
+    """
     if kernel == "triton" and KERNELS["triton"] is None:
         from polyak._kernels._triton import TritonUpdate
 
         KERNELS["triton"] = TritonUpdate
-    return KERNELS[kernel](
-        list(shadows), list(sources), stochastic=rounding == "stochastic", seed=seed
-    )
+    slots = as_slots(shadows)
+    check_slots(slots, sources)
+    stochastic = rounding == "stochastic"
+    if kernel in _ONE_SLOT_KERNELS:
+        if len(slots) != 1:
+            raise ValueError(
+                f"kernel={kernel!r} updates one slot of shadows, got {len(slots)} slots; use "
+                f"kernel='foreach' or 'reference' for several slots."
+            )
+        return KERNELS[kernel](slots[0], list(sources), stochastic=stochastic, seed=seed)
+    return KERNELS[kernel](slots, list(sources), stochastic=stochastic, seed=seed)
 
 
 def builder(
