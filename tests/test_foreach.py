@@ -81,37 +81,64 @@ def allocated_bytes(fn) -> int:
 # ---------------------------------------------------------------- N slots
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
     shapes=st.lists(SHAPE, min_size=1, max_size=6),
     pair=st.sampled_from(PAIRS),
     weights=st.lists(WEIGHT, min_size=1, max_size=4),
     tensor_weights=st.booleans(),
+    stacked=st.booleans(),
     chunk=st.sampled_from([1, 7, 64, 1 << 20]),
     seed=st.integers(0, 2**16),
 )
 def test_n_slots_equal_n_one_slot_updates_bit_for_bit(
-    shapes, pair, weights, tensor_weights, chunk, seed
+    shapes, pair, weights, tensor_weights, stacked, chunk, seed
 ):
     """Slot k after one N-slot update is ATen's ``lerp_`` of slot k alone, bit for bit, whatever
-    the chunking (``chunk`` elements: 1 cuts every tensor into single elements)."""
+    the chunking (``chunk`` elements: 1 cuts every tensor into single elements) and whether the
+    slots are separate tensors or rows of one ``(N, *shape)`` tensor per source."""
     src, dst = pair
     if dst not in FP32_UP:
         tensor_weights = False  # refused for bf16/fp16 shadows (test_device_weights_...)
     sources, slots = draw(shapes, src, dst, len(weights), seed)
+    if stacked:
+        slots = stack_slots(slots)
     want = [
         [aten_lerp(s, p, w) for s, p in zip(slot, sources, strict=True)]
         for slot, w in zip(slots, weights, strict=True)
     ]
-    given_weights = (
-        [torch.tensor(w, dtype=torch.float64) for w in weights] if tensor_weights else weights
-    )
+    passed = [torch.tensor(w, dtype=torch.float64) for w in weights] if tensor_weights else weights
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(_foreach.CHUNK_ELEMENTS, "cpu", chunk)
         update = _kernels.build("foreach", slots, sources)
-    update.lerp_(given_weights)
+    update.lerp_(passed)
     for got_slot, want_slot in zip(slots, want, strict=True):
         assert all(same_result(g, w) for g, w in zip(got_slot, want_slot, strict=True))
+
+
+def stack_slots(slots):
+    """The same shadows as rows: slot k's shadow i becomes ``torch.stack(...)[k]``."""
+    stacks = [torch.stack(t) for t in zip(*slots, strict=True)]
+    return [[stack[k] for stack in stacks] for k in range(len(slots))]
+
+
+def test_stacked_slots_are_found_only_where_the_rows_lie_apart():
+    shapes = [(3,), (4, 5), ()]
+    sources, slots = draw(shapes, torch.float32, torch.float32, 3, 1)
+    plan = _kernels.build("foreach", stack_slots(slots), sources).chunked
+    assert plan.stacked is not None
+    assert [tuple(r.shape) for r in plan.stacked] == [(3, 3), (3, 4, 5), (3,)]
+    assert _kernels.build("foreach", slots, sources).chunked.stacked is None  # separate tensors
+    low_sources, low = draw(shapes, torch.bfloat16, torch.bfloat16, 2, 1)
+    assert _kernels.build("foreach", stack_slots(low), low_sources).chunked.stacked is None
+    wide = torch.zeros(2, 8)
+    rows = [[wide[0, :4]], [wide[1, :4]]]  # rows 8 elements apart, 4 used: apart, not dense
+    assert _kernels.build("foreach", rows, [torch.ones(4)]).chunked.stacked is not None
+    overlap = torch.zeros(6)
+    rows = [[overlap[0:4]], [overlap[2:6]]]  # two elements shared: would be lerped twice
+    assert _kernels.build("foreach", rows, [torch.ones(4)]).chunked.stacked is None
+    reversed_rows = stack_slots(slots)[::-1]  # row 2 first: a negative step
+    assert _kernels.build("foreach", reversed_rows, sources).chunked.stacked is None
 
 
 def test_one_slot_stays_on_todays_path():
@@ -224,6 +251,23 @@ def test_each_source_chunk_is_read_for_every_slot_before_the_next_chunk(monkeypa
     assert covers_once(seen, sources)
     assert all(covers_once(pieces, slot) for pieces, slot in zip(slot_pieces, slots, strict=True))
     assert len(update.chunked.chunks) >= 8  # 250 and 333 were cut
+
+
+@pytest.mark.parametrize("src", [torch.float32, torch.bfloat16])
+def test_stacked_slots_read_each_source_once_per_update(monkeypatch, src):
+    """Slots laid out as rows of one tensor per source: per chunk one ``_foreach_lerp_`` of the
+    ``(N, ...)`` rows, so each source element is read by one elementwise op for all N slots."""
+    monkeypatch.setitem(_foreach.CHUNK_ELEMENTS, "cpu", 100)
+    sources, slots = draw([(250,), (30,), (40, 2), (7,), (333,)], src, torch.float32, 3, 2)
+    slots = stack_slots(slots)
+    update = _kernels.build("foreach", slots, sources)
+    calls = Calls(monkeypatch)
+    update.lerp_([0.1, 0.2, 0.3])
+    lerps = [(dst, read) for op, dst, read in calls.log if op == "_foreach_lerp_"]
+    assert len(lerps) == len(update.chunked.chunks)
+    assert all(r.shape[0] == 3 for dst, _ in lerps for r in dst)
+    read = [t for op, _, src_list in calls.log for t in src_list if op == "_foreach_copy_"]
+    assert covers_once(read if src != torch.float32 else [t for _, r in lerps for t in r], sources)
 
 
 def test_no_allocation_per_update():

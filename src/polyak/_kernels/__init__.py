@@ -1,14 +1,19 @@
 """How an update runs. Kernels know lists of tensors, never modules or names.
 
-A kernel turns two parallel lists, ``shadows`` and ``sources``, into an :class:`Update` built once at
-construction; ``update.lerp_(w)`` then runs ``shadow += w * (source - shadow)`` for every pair and
-``update.copy_()`` runs ``shadow.copy_(source)``. The EMA picks one kernel at init
-(:func:`choose`); an explicit choice wins, ``"auto"`` takes the fastest whose preconditions hold.
+A kernel turns one list of ``sources`` and N >= 1 parallel lists of shadows (slots: one average
+each, e.g. two power EMAs of the same weights) into an :class:`Update` built once at construction;
+``update.lerp_([w_0, ..., w_{N-1}], gate)`` then runs ``shadow += w_k * (source - shadow)`` for
+every slot ``k`` and pair, unless the 0-dim bool tensor ``gate`` is ``True`` (skip the update on
+the device: every shadow keeps its bits, even against NaN sources), and ``update.copy_()`` runs
+``shadow.copy_(source)``. ``lerp_(w)`` with one weight is the one-slot form. The EMA picks one
+kernel at init (:func:`choose`); an explicit choice wins, ``"auto"`` takes the fastest whose
+preconditions hold.
 
 - ``reference``: one tensor at a time (``Tensor.lerp_``); the definition the others are tested against.
 - ``foreach``: multi-tensor ops (``torch._foreach_lerp_``) per (device, dtype) group; sources of a
   lower precision than their shadows (bf16 weights, fp32 shadows) are upcast through one persistent,
-  chunked scratch buffer, so nothing is allocated per update.
+  chunked scratch buffer, so nothing is allocated per update. Several slots run chunk by chunk, so
+  the later slots read each source chunk from cache.
 - ``fused``: ``torch.compile`` of the per-group update: one pass that reads each source and shadow
   once and writes each shadow once (the memory floor), and the fast path for stochastic rounding
   into bf16 shadows. Compiling costs seconds (CPU: tens of seconds) at the first update.

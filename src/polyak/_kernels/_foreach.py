@@ -74,10 +74,14 @@ class _SlotChunk:
     ``slots[k]``: slot ``k``'s pieces alike; ``upcast``: views of the group's upcast scratch (bf16
     sources of fp32 shadows), else ``None``; ``values``/``value_span``/``slot_bits``: the gated
     path's result scratch, the stretch of it this chunk uses, and the shadows, all as integer
-    views; ``weights[k]``: slot ``k``'s device-weight list (one persistent 0-dim tensor repeated).
+    views; ``weights[k]``: slot ``k``'s device-weight list (one persistent 0-dim tensor repeated);
+    ``rows``/``row_weights``: where the slots are rows of one tensor per source, the pieces of
+    those ``(N, ...)`` views and the ``(N, 1, ...)`` views of the per-slot weights they lerp with.
     """
 
     __slots__ = (
+        "row_weights",
+        "rows",
         "slot_bits",
         "slots",
         "sources",
@@ -97,6 +101,38 @@ class _SlotChunk:
         self.value_span: torch.Tensor | None = None
         self.slot_bits: list[list[torch.Tensor]] = []
         self.weights: list[list[torch.Tensor]] = []
+        self.rows: list[torch.Tensor] = []
+        self.row_weights: list[torch.Tensor] = []
+
+
+def stacked_rows(slots: list[list[torch.Tensor]]) -> list[torch.Tensor] | None:
+    """Each source's N shadows as one ``(N, *shape)`` view, where the slots are laid out so.
+
+    That is: for every ``i``, ``slots[k][i]`` are fp32/fp64 tensors in one storage, with the same
+    strides, ``k * step`` elements apart for a ``step`` that keeps the rows apart (e.g. the rows of
+    ``torch.empty(N, *shape)``). Otherwise ``None``. bf16/fp16 shadows are left out: a lerp with a
+    tensor weight reads it in the shadow's dtype (``check_device_weight``).
+    """
+    rows = []
+    for i, first in enumerate(slots[0]):
+        if first.dtype not in (torch.float32, torch.float64) or first.numel() == 0:
+            return None
+        storage = first.untyped_storage().data_ptr()
+        step = slots[1][i].storage_offset() - first.storage_offset()
+        span = 1 + sum((n - 1) * abs(d) for n, d in zip(first.shape, first.stride(), strict=True))
+        if step < span:
+            return None
+        for k, slot in enumerate(slots):
+            shadow = slot[i]
+            if (
+                shadow.untyped_storage().data_ptr() != storage
+                or shadow.storage_offset() != first.storage_offset() + k * step
+                or shadow.stride() != first.stride()
+            ):
+                return None
+        shape, strides = (len(slots), *first.shape), (step, *first.stride())
+        rows.append(first.as_strided(shape, strides, first.storage_offset()))
+    return rows
 
 
 class _ChunkPlan:
@@ -106,6 +142,10 @@ class _ChunkPlan:
     is cut into equal flat pieces (views, planned once), a non-contiguous one stays whole. Views of
     a source go stale when its storage moves (``param.data = ...``, ``set_``): :meth:`follow`
     compares the data pointers of the cut sources (one ``data_ptr()`` each) and replans.
+
+    Where every source's N shadows are rows of one tensor (:func:`stacked_rows`) and the update is
+    not gated, a chunk is one ``_foreach_lerp_`` of those ``(N, ...)`` views with the ``(N, 1,
+    ...)`` weights: one elementwise op per tensor reads the source once for all slots.
     """
 
     def __init__(
@@ -117,6 +157,13 @@ class _ChunkPlan:
     ) -> None:
         self.slots, self.sources, self.gated = slots, sources, gated
         self.groups = group_indices(slots[0], sources)
+        self.stacked = None if gated else stacked_rows(slots)
+        # per (device, shadow dtype), for stacked rows: the N weights, written once per update
+        self.row_weights = {
+            (device, dtype): torch.zeros(len(slots), dtype=dtype, device=device)
+            for device, dtype, _ in self.groups
+        }
+        self.row_fills = {key: list(w.unbind()) for key, w in self.row_weights.items()}
         # per (device, shadow dtype): one 0-dim weight per slot, read by _foreach_lerp_ as a list
         self.weight_tensors = {
             (device, dtype): [torch.zeros((), dtype=dtype, device=device) for _ in slots]
@@ -204,6 +251,14 @@ class _ChunkPlan:
             chunk.value_span = values[:offset].view(bits)
             chunk.slot_bits = [[t.view(bits) for t in slot] for slot in chunk.slots]
         chunk.weights = [[w] * len(pieces) for w in self.weight_tensors[key]]
+        if self.stacked is not None:
+            stacked = self.stacked
+            chunk.rows = [
+                stacked[i] if b < 0 else stacked[i].view(len(self.slots), -1)[:, a:b]
+                for i, a, b in pieces
+            ]
+            weights = self.row_weights[key]
+            chunk.row_weights = [weights.view(-1, *[1] * (r.dim() - 1)) for r in chunk.rows]
         return chunk
 
     def follow(self) -> None:
@@ -221,6 +276,15 @@ class _ChunkPlan:
                     if listed[k]:
                         tensors[k].copy_(weight)
         return listed
+
+    def fill_rows(self, weights: list[Weight]) -> None:
+        """Write the N weights into each (device, dtype)'s ``(N,)`` weight tensor."""
+        for rows in self.row_fills.values():
+            for row, weight in zip(rows, weights, strict=True):
+                if isinstance(weight, torch.Tensor):
+                    row.copy_(weight)
+                else:
+                    row.fill_(weight)
 
     def set_gate(self, gate: torch.Tensor) -> None:
         """``keep = gate``, ``take = not gate`` as 0/1 in every integer view dtype, on the device."""
@@ -247,8 +311,12 @@ class ForeachUpdate:
     tensors in chunks of at most ``CHUNK_ELEMENTS`` (a contiguous tensor larger than that is cut
     into flat pieces, planned once) and runs every slot's ``_foreach_lerp_`` over a chunk before
     the next one: the second slot reads the source chunk (or its upcast copy, made once per chunk)
-    from cache. The results are each slot's one-slot update bit for bit (the same elementwise
-    lerp on the same values).
+    from cache. Where each source's N shadows are rows of one tensor (``torch.empty(N, *shape)``,
+    fp32/fp64: :func:`stacked_rows`), one ``_foreach_lerp_`` per chunk updates all N rows with
+    ``(N, 1, ...)`` weights, reading each source element once per update, and the per-tensor cost
+    of a CPU foreach call (about 3 µs) is paid once instead of N times. Either way the results
+    are each slot's one-slot update bit for bit (the same elementwise lerp on the same values;
+    only a NaN result may take another NaN bit pattern, as ATen's vector and scalar loops differ).
 
     The gate (``True`` skips the update):
 
@@ -360,6 +428,15 @@ class ForeachUpdate:
     def _lerp_chunked(self, plan: _ChunkPlan, weights: list[Weight]) -> None:
         """N slots, chunk by chunk: every slot's lerp of a chunk before the next chunk."""
         plan.follow()
+        if plan.stacked is not None:
+            plan.fill_rows(weights)
+            for chunk in plan.chunks:
+                sources = chunk.sources
+                if chunk.upcast is not None:
+                    torch._foreach_copy_(chunk.upcast, sources)
+                    sources = chunk.upcast
+                torch._foreach_lerp_(chunk.rows, sources, chunk.row_weights)
+            return
         listed = plan.fill(weights)
         for chunk in plan.chunks:
             sources = chunk.sources
