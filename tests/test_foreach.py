@@ -166,18 +166,23 @@ def test_n_slots_with_one_weight_list_or_a_bare_weight():
     )
 
 
-def test_cut_tensors_follow_a_rebound_parameter(monkeypatch):
-    """``param.data = other`` after planning: the N-slot plan's cut views see the new storage."""
+@pytest.mark.parametrize("gated", [False, True])
+def test_cut_tensors_follow_a_rebound_parameter(monkeypatch, gated):
+    """``param.data = other`` after planning: the N-slot plan's cut views see the new storage
+    (and so do the device-gated path's, planned separately)."""
     monkeypatch.setitem(_foreach.CHUNK_ELEMENTS, "cpu", 5)
+    if gated:
+        monkeypatch.setattr(_foreach, "HOST_GATE_DEVICES", frozenset())
+    gate = torch.tensor(False) if gated else None
     params = [nn.Parameter(torch.zeros(4, 3)), nn.Parameter(torch.zeros(2))]
     slots = [[torch.zeros(4, 3), torch.zeros(2)] for _ in range(2)]
     update = _kernels.build("foreach", slots, params)
     assert update.chunked.cut == [0]  # 12 elements in pieces of at most 5
-    update.lerp_([0.5, 0.25])
+    update.lerp_([0.5, 0.25], gate)
     params[0].data = torch.full((4, 3), 8.0)
     with torch.no_grad():
         params[1].set_(torch.full((2,), 4.0))
-    update.lerp_([0.5, 0.25])
+    update.lerp_([0.5, 0.25], gate)
     assert torch.equal(slots[0][0], torch.full((4, 3), 4.0))
     assert torch.equal(slots[1][0], torch.full((4, 3), 2.0))
     assert torch.equal(slots[0][1], torch.full((2,), 2.0))
