@@ -51,7 +51,15 @@ from update_speed import WORKLOADS
 from polyak import _kernels
 from polyak._kernels import _foreach
 
-DEFAULT_WORKLOADS = ["resnet50", "resnet50_buffers", "transformer", "bf16", "vit_b16", "many_tiny"]
+DEFAULT_WORKLOADS = [
+    "resnet50",
+    "resnet50_buffers",
+    "transformer",
+    "bf16",
+    "bf16_native",
+    "vit_b16",
+    "many_tiny",
+]
 WEIGHT = 1e-3
 
 

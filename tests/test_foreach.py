@@ -89,14 +89,16 @@ def allocated_bytes(fn) -> int:
     tensor_weights=st.booleans(),
     stacked=st.booleans(),
     chunk=st.sampled_from([1, 7, 64, 1 << 20]),
+    stack=st.sampled_from([0, 40, 1 << 15]),
     seed=st.integers(0, 2**16),
 )
 def test_n_slots_equal_n_one_slot_updates_bit_for_bit(
-    shapes, pair, weights, tensor_weights, stacked, chunk, seed
+    shapes, pair, weights, tensor_weights, stacked, chunk, stack, seed
 ):
     """Slot k after one N-slot update is ATen's ``lerp_`` of slot k alone, bit for bit, whatever
     the chunking (``chunk`` elements: 1 cuts every tensor into single elements) and whether the
-    slots are separate tensors or rows of one ``(N, *shape)`` tensor per source."""
+    slots are separate tensors or rows of one ``(N, *shape)`` tensor per source (updated as rows
+    up to ``stack`` elements, slot by slot above)."""
     src, dst = pair
     if dst not in FP32_UP:
         tensor_weights = False  # refused for bf16/fp16 shadows (test_device_weights_...)
@@ -110,6 +112,7 @@ def test_n_slots_equal_n_one_slot_updates_bit_for_bit(
     passed = [torch.tensor(w, dtype=torch.float64) for w in weights] if tensor_weights else weights
     with pytest.MonkeyPatch.context() as mp:
         mp.setitem(_foreach.CHUNK_ELEMENTS, "cpu", chunk)
+        mp.setattr(_foreach, "STACK_ELEMENTS", stack)
         update = _kernels.build("foreach", slots, sources)
     update.lerp_(passed)
     for got_slot, want_slot in zip(slots, want, strict=True):
@@ -259,20 +262,37 @@ def test_each_source_chunk_is_read_for_every_slot_before_the_next_chunk(monkeypa
 
 
 @pytest.mark.parametrize("src", [torch.float32, torch.bfloat16])
-def test_stacked_slots_read_each_source_once_per_update(monkeypatch, src):
-    """Slots laid out as rows of one tensor per source: per chunk one ``_foreach_lerp_`` of the
-    ``(N, ...)`` rows, so each source element is read by one elementwise op for all N slots."""
+def test_small_stacked_slots_read_each_source_once_per_update(monkeypatch, src):
+    """Slots laid out as rows of one tensor per source: the small tensors (N * numel at most
+    STACK_ELEMENTS) in one ``_foreach_lerp_`` of their ``(N, ...)`` rows per chunk, so one
+    elementwise op reads each of their source elements for all N slots; the large ones slot by
+    slot from one source list, as for separate tensors."""
     monkeypatch.setitem(_foreach.CHUNK_ELEMENTS, "cpu", 100)
-    sources, slots = draw([(250,), (30,), (40, 2), (7,), (333,)], src, torch.float32, 3, 2)
+    monkeypatch.setattr(_foreach, "STACK_ELEMENTS", 3 * 40)
+    shapes = [(250,), (30,), (20, 2), (7,), (333,), ()]
+    sources, slots = draw(shapes, src, torch.float32, 3, 2)
     slots = stack_slots(slots)
     update = _kernels.build("foreach", slots, sources)
     calls = Calls(monkeypatch)
     update.lerp_([0.1, 0.2, 0.3])
     lerps = [(dst, read) for op, dst, read in calls.log if op == "_foreach_lerp_"]
-    assert len(lerps) == len(update.chunked.chunks)
-    assert all(r.shape[0] == 3 for dst, _ in lerps for r in dst)
-    read = [t for op, _, src_list in calls.log for t in src_list if op == "_foreach_copy_"]
-    assert covers_once(read if src != torch.float32 else [t for _, r in lerps for t in r], sources)
+    row_lerps = [(dst, read) for dst, read in lerps if dst[0].shape[0] == 3 and dst[0].dim() > 0]
+    assert len(row_lerps) == 1  # 30 + 40 + 7 + 1 elements: one chunk
+    rows, read = row_lerps[0]
+    assert [tuple(r.shape) for r in rows] == [(3, 30), (3, 20, 2), (3, 7), (3,)]
+    assert sum(t.numel() for t in read) == 78
+    per_slot = [(dst, read) for dst, read in lerps if (dst, read) not in row_lerps]
+    big = sum(math.ceil(n / 100) for n in (250, 333))  # cut into pieces of at most 100
+    assert (
+        len(per_slot) == 3 * (len(update.chunked.chunks) - 1) and len(update.chunked.chunks) >= big
+    )
+    for start in range(0, len(per_slot), 3):
+        assert per_slot[start][1] is per_slot[start + 1][1] is per_slot[start + 2][1]
+    if src == torch.float32:
+        seen = list(read) + [t for _, r in per_slot[::3] for t in r]
+    else:
+        seen = [t for op, _, r in calls.log if op == "_foreach_copy_" for t in r]
+    assert covers_once(seen, sources)
 
 
 def test_no_allocation_per_update():

@@ -29,6 +29,13 @@ SCRATCH_ELEMENTS_DEFAULT = 1 << 24
 CHUNK_ELEMENTS = {"cpu": 1 << 20}
 CHUNK_ELEMENTS_DEFAULT = 1 << 24
 
+# Where the slots are rows of one tensor per source (``stacked_rows``), CPU tensors of at most this
+# many elements in all N rows are updated by one lerp of the rows: ATen runs an op below its grain
+# size (32768) on one thread, and there the per-tensor cost of a call dominates. Larger ones are
+# lerped slot by slot: an op over the rows gives each thread a row of its own, so both read the
+# whole source (two fp32 slots of ResNet-50 ran 1.14x two one-slot updates that way, on 2 cores).
+STACK_ELEMENTS = 1 << 15
+
 # Device types whose gate tensor is read on the host: a CPU tensor's value needs no device sync.
 HOST_GATE_DEVICES = frozenset({"cpu"})
 
@@ -187,26 +194,22 @@ class _ChunkPlan:
         self.cut: list[int] = []
         for (device, dtype, source_dtype), indices in self.groups.items():
             limit = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS_DEFAULT)
-            pieces: list[tuple[int, int, int]] = []  # (index, start, stop); stop -1: whole
+            rows: list[tuple[int, int, int]] = []  # (index, start, stop); stop -1: whole
+            pieces: list[tuple[int, int, int]] = []
             for i in indices:
                 n = self.sources[i].numel()
-                if n > limit and self._cuttable(i):
+                if self._in_rows(i, device):
+                    rows.append((i, 0, -1))
+                elif n > limit and self._cuttable(i):
                     parts = -(-n // limit)
                     step = -(-n // parts)
                     pieces += [(i, lo, min(lo + step, n)) for lo in range(0, n, step)]
                     self.cut.append(i)
                 else:
                     pieces.append((i, 0, -1))
-            packed: list[list[tuple[int, int, int]]] = [[]]
-            filled = 0
-            for piece in pieces:
-                size = self._size(piece)
-                if packed[-1] and filled + size > limit:
-                    packed.append([])
-                    filled = 0
-                packed[-1].append(piece)
-                filled += size
-            capacity = max(sum(self._size(p) for p in chunk) for chunk in packed)
+            packed = [(True, c) for c in self._pack(rows, limit)]
+            packed += [(False, c) for c in self._pack(pieces, limit)]
+            capacity = max(sum(self._size(p) for p in chunk) for _, chunk in packed)
             upcast = values = None
             if dtype != source_dtype:
                 upcast = torch.empty(capacity, dtype=dtype, device=device)
@@ -214,9 +217,33 @@ class _ChunkPlan:
             if self.gated:
                 values = torch.empty(capacity, dtype=dtype, device=device)
                 self.scratch.append(values)
-            for chunk_pieces in packed:
-                self.chunks.append(self._chunk(chunk_pieces, (device, dtype), upcast, values))
+            for in_rows, chunk_pieces in packed:
+                key = (device, dtype)
+                self.chunks.append(self._chunk(chunk_pieces, key, upcast, values, in_rows))
         self.cut_pointers = [self.sources[i].data_ptr() for i in self.cut]
+
+    def _in_rows(self, i: int, device: torch.device) -> bool:
+        """Whether tensor ``i`` is updated as stacked rows: small, on the CPU (see STACK_ELEMENTS)."""
+        return (
+            self.stacked is not None
+            and device.type == "cpu"
+            and len(self.slots) * self.sources[i].numel() <= STACK_ELEMENTS
+        )
+
+    def _pack(
+        self, pieces: list[tuple[int, int, int]], limit: int
+    ) -> list[list[tuple[int, int, int]]]:
+        """Pieces in order, in chunks of at most ``limit`` elements (a larger piece: its own)."""
+        packed: list[list[tuple[int, int, int]]] = []
+        filled = 0
+        for piece in pieces:
+            size = self._size(piece)
+            if not packed or (packed[-1] and filled + size > limit):
+                packed.append([])
+                filled = 0
+            packed[-1].append(piece)
+            filled += size
+        return packed
 
     def _size(self, piece: tuple[int, int, int]) -> int:
         i, start, stop = piece
@@ -231,17 +258,24 @@ class _ChunkPlan:
         key: tuple[torch.device, torch.dtype],
         upcast: torch.Tensor | None,
         values: torch.Tensor | None,
+        in_rows: bool,
     ) -> _SlotChunk:
         def piece_of(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
             return tensor if stop < 0 else tensor.detach().view(-1)[start:stop]
 
         chunk = _SlotChunk()
         chunk.sources = [piece_of(self.sources[i], a, b) for i, a, b in pieces]
-        chunk.slots = [[piece_of(slot[i], a, b) for i, a, b in pieces] for slot in self.slots]
         shapes, offset = [], 0
-        for piece, shadow in zip(pieces, chunk.slots[0], strict=True):
-            shapes.append((offset, shadow.shape))
+        for piece in pieces:
+            i, a, b = piece
+            shapes.append((offset, self.slots[0][i].shape if b < 0 else torch.Size([b - a])))
             offset += self._size(piece)
+        if in_rows and self.stacked is not None:  # whole tensors, never cut
+            chunk.rows = [self.stacked[i] for i, _, _ in pieces]
+            weights = self.row_weights[key]
+            chunk.row_weights = [weights.view(-1, *[1] * (r.dim() - 1)) for r in chunk.rows]
+        else:
+            chunk.slots = [[piece_of(slot[i], a, b) for i, a, b in pieces] for slot in self.slots]
         if upcast is not None:
             chunk.upcast = [upcast[o : o + s.numel()].view(s) for o, s in shapes]
         if values is not None:
@@ -251,14 +285,6 @@ class _ChunkPlan:
             chunk.value_span = values[:offset].view(bits)
             chunk.slot_bits = [[t.view(bits) for t in slot] for slot in chunk.slots]
         chunk.weights = [[w] * len(pieces) for w in self.weight_tensors[key]]
-        if self.stacked is not None:
-            stacked = self.stacked
-            chunk.rows = [
-                stacked[i] if b < 0 else stacked[i].view(len(self.slots), -1)[:, a:b]
-                for i, a, b in pieces
-            ]
-            weights = self.row_weights[key]
-            chunk.row_weights = [weights.view(-1, *[1] * (r.dim() - 1)) for r in chunk.rows]
         return chunk
 
     def follow(self) -> None:
@@ -406,11 +432,11 @@ class ForeachUpdate:
     def lerp_(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
         if gate is not None:
             check_gate(gate)
-            if gate.device.type in HOST_GATE_DEVICES:
-                if gate.item():  # a CPU tensor: no device to wait for
-                    return
-            else:
-                self._lerp_gated(as_weights(weights, len(self.slots)), gate)
+            listed = as_weights(weights, len(self.slots))  # refused alike, gated or not
+            if gate.device.type not in HOST_GATE_DEVICES:
+                self._lerp_gated(listed, gate)
+                return
+            if gate.item():  # a CPU tensor: no device to wait for
                 return
         if self.chunked is not None:
             self._lerp_chunked(self.chunked, as_weights(weights, len(self.slots)))
@@ -428,21 +454,16 @@ class ForeachUpdate:
     def _lerp_chunked(self, plan: _ChunkPlan, weights: list[Weight]) -> None:
         """N slots, chunk by chunk: every slot's lerp of a chunk before the next chunk."""
         plan.follow()
+        listed = plan.fill(weights)
         if plan.stacked is not None:
             plan.fill_rows(weights)
-            for chunk in plan.chunks:
-                sources = chunk.sources
-                if chunk.upcast is not None:
-                    torch._foreach_copy_(chunk.upcast, sources)
-                    sources = chunk.upcast
-                torch._foreach_lerp_(chunk.rows, sources, chunk.row_weights)
-            return
-        listed = plan.fill(weights)
         for chunk in plan.chunks:
             sources = chunk.sources
             if chunk.upcast is not None:
                 torch._foreach_copy_(chunk.upcast, sources)
                 sources = chunk.upcast
+            if chunk.rows:
+                torch._foreach_lerp_(chunk.rows, sources, chunk.row_weights)
             for k, shadows in enumerate(chunk.slots):
                 torch._foreach_lerp_(
                     shadows, sources, chunk.weights[k] if listed[k] else weights[k]
