@@ -89,6 +89,8 @@ def test_wrong_weights_and_gates_are_refused_clearly(kernel):
         update.lerp_(0.5)
     with pytest.raises(ValueError, match=r"got 3 weight\(s\) for 2 slot\(s\)"):
         update.lerp_([0.5, 0.5, 0.5])
+    with pytest.raises(ValueError, match=r"got 1 weight\(s\) for 2 slot\(s\)"):
+        update.lerp_(0.5, gate=torch.tensor(True))  # refused even where the update is skipped
     with pytest.raises(TypeError, match=r"0-dim bool tensor .* got a torch.float32 tensor of"):
         update.lerp_([0.5, 0.5], gate=torch.tensor(1.0))
     with pytest.raises(TypeError, match=r"got a torch.bool tensor of shape \(1,\)"):
