@@ -1,14 +1,19 @@
 """How an update runs. Kernels know lists of tensors, never modules or names.
 
-A kernel turns two parallel lists, ``shadows`` and ``sources``, into an :class:`Update` built once at
-construction; ``update.lerp_(w)`` then runs ``shadow += w * (source - shadow)`` for every pair and
-``update.copy_()`` runs ``shadow.copy_(source)``. The EMA picks one kernel at init
-(:func:`choose`); an explicit choice wins, ``"auto"`` takes the fastest whose preconditions hold.
+A kernel turns one list of ``sources`` and N >= 1 parallel lists of shadows (slots: one average
+each, e.g. two power EMAs of the same weights) into an :class:`Update` built once at construction;
+``update.lerp_([w_0, ..., w_{N-1}], gate)`` then runs ``shadow += w_k * (source - shadow)`` for
+every slot ``k`` and pair, unless the 0-dim bool tensor ``gate`` is ``True`` (skip the update on
+the device: every shadow keeps its bits, even against NaN sources), and ``update.copy_()`` runs
+``shadow.copy_(source)``. ``lerp_(w)`` with one weight is the one-slot form. The EMA picks one
+kernel at init (:func:`choose`); an explicit choice wins, ``"auto"`` takes the fastest whose
+preconditions hold.
 
 - ``reference``: one tensor at a time (``Tensor.lerp_``); the definition the others are tested against.
 - ``foreach``: multi-tensor ops (``torch._foreach_lerp_``) per (device, dtype) group; sources of a
   lower precision than their shadows (bf16 weights, fp32 shadows) are upcast through one persistent,
-  chunked scratch buffer, so nothing is allocated per update.
+  chunked scratch buffer, so nothing is allocated per update. Several slots run chunk by chunk, so
+  the later slots read each source chunk from cache.
 - ``fused``: ``torch.compile`` of the per-group update: one pass that reads each source and shadow
   once and writes each shadow once (the memory floor), and the fast path for stochastic rounding
   into bf16 shadows. Compiling costs seconds (CPU: tens of seconds) at the first update.
@@ -28,7 +33,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from polyak._kernels._base import Update
+from polyak._kernels._base import Update, as_slots, check_slots
 from polyak._kernels._engine import Engine
 from polyak._kernels._foreach import ForeachUpdate, check_device_weight, rounds_device_weight
 from polyak._kernels._fused import FusedUpdate
@@ -146,22 +151,40 @@ def _has_triton() -> bool:
     return True
 
 
+# Kernels whose Update still takes one flat list of shadows (k2 brings them to N slots in issue 14;
+# the lead empties this set when merging): build hands them slot 0's list.
+_ONE_SLOT_KERNELS = {"fused", "triton"}
+
+
 def build(
     kernel: str,
-    shadows: Sequence[torch.Tensor],
+    shadows: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
     sources: Sequence[torch.Tensor],
     *,
     rounding: str = "nearest",
     seed: int = 0,
 ) -> Update:
-    """Plan the update of ``shadows`` from ``sources`` with the named kernel."""
+    """Plan the update of ``shadows`` from ``sources`` with the named kernel.
+
+    ``shadows``: one slot's shadows (a list of tensors, one per source) or N slots' (a list of N
+    such lists, :func:`~polyak._kernels._base.as_slots`); ``update.lerp_([w_0, ..., w_{N-1}])``
+    then averages ``sources`` into every slot in one update.
+    """
     if kernel == "triton" and KERNELS["triton"] is None:
         from polyak._kernels._triton import TritonUpdate
 
         KERNELS["triton"] = TritonUpdate
-    return KERNELS[kernel](
-        list(shadows), list(sources), stochastic=rounding == "stochastic", seed=seed
-    )
+    slots = as_slots(shadows)
+    check_slots(slots, sources)
+    stochastic = rounding == "stochastic"
+    if kernel in _ONE_SLOT_KERNELS:
+        if len(slots) != 1:
+            raise ValueError(
+                f"kernel={kernel!r} updates one slot of shadows, got {len(slots)} slots; use "
+                f"kernel='foreach' or 'reference' for several slots."
+            )
+        return KERNELS[kernel](slots[0], list(sources), stochastic=stochastic, seed=seed)
+    return KERNELS[kernel](slots, list(sources), stochastic=stochastic, seed=seed)
 
 
 def builder(

@@ -9,16 +9,30 @@ from typing import Protocol
 
 import torch
 
+Weight = float | torch.Tensor
+"""One slot's lerp weight ``w = 1 - decay``: a Python float, or a 0-dim fp64 tensor on the device."""
+
+Weights = Weight | Sequence[Weight]
+"""What ``lerp_`` takes: one weight per slot, or a single weight for a one-slot update."""
+
 
 class Update(Protocol):
-    """An update planned once for fixed lists of shadows and sources.
+    """An update planned once for one source list and N >= 1 slots of shadows.
 
-    ``lerp_(w)``: :math:`s_i \\leftarrow s_i + w (p_i - s_i)` for every pair, in the shadow's dtype
-    (``w = 1 - decay``, a Python float, or a 0-dim tensor on the device for capturable updates).
-    ``copy_()``: :math:`s_i \\leftarrow p_i`.
+    ``slots[k][i]`` is slot ``k``'s shadow of ``sources[i]``; every slot holds shadows of the same
+    shapes, dtypes and devices (:func:`check_slots`).
+
+    ``lerp_(weights, gate=None)``: for every slot ``k`` and pair ``i``,
+    :math:`s_{k,i} \\leftarrow s_{k,i} + w_k (p_i - s_{k,i})`, in the shadow's compute dtype and
+    rounded once into the shadow (``w_k = 1 - decay_k``, a Python float, or a 0-dim fp64 tensor on
+    the device for capturable updates; a single weight is a one-slot call, :func:`as_weights`).
+    ``gate``: ``None``, or a 0-dim bool tensor on the tensors' device; ``True`` skips the update,
+    leaving every shadow bit for bit as it was, even where a source holds NaN or inf, without a
+    host sync on CUDA and without allocating per update.
+    ``copy_()``: :math:`s_{k,i} \\leftarrow p_i` for every slot.
     """
 
-    def lerp_(self, weight: float | torch.Tensor) -> None: ...
+    def lerp_(self, weights: Weights, gate: torch.Tensor | None = None) -> None: ...
 
     def copy_(self) -> None: ...
 
@@ -58,23 +72,143 @@ def segment_offsets(shadows: Sequence[torch.Tensor]) -> list[int]:
     return offsets
 
 
-def group_by_device_and_dtype(
-    shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
-) -> dict[tuple[torch.device, torch.dtype, torch.dtype], Group]:
-    """Pairs grouped by (device, shadow dtype, source dtype), order kept within each group."""
-    groups: dict[tuple[torch.device, torch.dtype, torch.dtype], Group] = defaultdict(
-        lambda: ([], [])
+def slot_offsets(slots: Sequence[Sequence[torch.Tensor]]) -> list[list[int]]:
+    """Random-stream starts per slot: ``offsets[k][i] = k * T + segment_offsets(slots[0])[i]``.
+
+    ``T`` is the element count of one slot: the slots draw consecutive stretches of the stream, as
+    if all slots were one concatenated list, so slot 0 draws exactly a one-slot update's bits.
+    """
+    flat = segment_offsets([shadow for slot in slots for shadow in slot])
+    width = len(slots[0]) if slots else 0
+    return [flat[k * width : (k + 1) * width] for k in range(len(slots))]
+
+
+def as_slots(
+    shadows: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
+) -> list[list[torch.Tensor]]:
+    """One slot's shadows (a list of tensors, today's form) or N slots' (a list of lists), as N lists.
+
+    An empty list is one empty slot.
+    """
+    if all(isinstance(s, torch.Tensor) for s in shadows):
+        return [list(shadows)]  # type: ignore[arg-type]
+    if all(isinstance(s, (list, tuple)) for s in shadows):
+        return [list(slot) for slot in shadows]  # type: ignore[union-attr]
+    kinds = sorted({type(s).__name__ for s in shadows})
+    raise TypeError(
+        f"shadows must be a list of tensors (one slot) or a list of lists of tensors (one list per "
+        f"slot), got a list holding {', '.join(kinds)}; wrap each slot's shadows in its own list."
     )
-    for shadow, source in zip(shadows, sources, strict=True):
+
+
+def check_slots(slots: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch.Tensor]) -> None:
+    """Refuse slots that do not each hold one shadow per source, laid out alike, with a clear error.
+
+    Every slot needs ``len(sources)`` shadows, and slot ``k``'s shadow ``i`` must have the shape of
+    ``sources[i]`` and the dtype and device of slot 0's shadow ``i``; no tensor may sit in two
+    slots (the second lerp would read the first one's result).
+    """
+    if len(slots) == 0:
+        raise ValueError(
+            "got 0 slots of shadows; pass at least one list of shadows (one per source), e.g. "
+            "build(kernel, [shadows], sources)."
+        )
+    for k, slot in enumerate(slots):
+        if len(slot) != len(sources):
+            raise ValueError(
+                f"slot {k} holds {len(slot)} shadows but there are {len(sources)} sources; every "
+                f"slot needs one shadow per source, in the sources' order."
+            )
+    for i, source in enumerate(sources):
+        first = slots[0][i]
+        for k, slot in enumerate(slots):
+            shadow = slot[i]
+            if shadow.shape != source.shape:
+                raise ValueError(
+                    f"slot {k}'s shadow {i} has shape {tuple(shadow.shape)} but its source has "
+                    f"shape {tuple(source.shape)}; allocate each shadow like its source "
+                    f"(torch.empty_like(source, dtype=shadow_dtype))."
+                )
+            if k and (shadow.dtype, shadow.device) != (first.dtype, first.device):
+                raise ValueError(
+                    f"slot {k}'s shadow {i} is {shadow.dtype} on {shadow.device} but slot 0's is "
+                    f"{first.dtype} on {first.device}; every slot must hold shadows of the same "
+                    f"dtypes and devices (allocate each slot like slot 0)."
+                )
+            if k and any(shadow is slots[j][i] for j in range(k)):
+                raise ValueError(
+                    f"slot {k}'s shadow {i} is the same tensor as an earlier slot's; give each "
+                    f"slot its own tensors (a shared one would be updated twice)."
+                )
+
+
+def as_weights(weights: Weights, slots: int) -> list[Weight]:
+    """``lerp_``'s ``weights`` as a list of ``slots`` weights, or a clear error.
+
+    A Python number or a 0-dim tensor is a one-slot call (today's ``lerp_(w)``); otherwise one
+    weight per slot, in slot order.
+    """
+    if isinstance(weights, numbers.Real) or (
+        isinstance(weights, torch.Tensor) and weights.dim() == 0
+    ):
+        listed: list[Weight] = [weights]  # type: ignore[list-item]
+    elif isinstance(weights, torch.Tensor):
+        raise ValueError(
+            f"got a weight tensor of shape {tuple(weights.shape)}; pass one weight per slot as a "
+            f"sequence of floats or 0-dim tensors (e.g. list(w.unbind()))."
+        )
+    else:
+        listed = list(weights)  # type: ignore[arg-type]
+    if len(listed) != slots:
+        raise ValueError(
+            f"got {len(listed)} weight(s) for {slots} slot(s); pass one weight (1 - decay) per "
+            f"slot, e.g. lerp_([w0, w1]) for two slots."
+        )
+    return listed
+
+
+def check_gate(gate: torch.Tensor | None) -> None:
+    """``gate`` must be ``None`` or a 0-dim bool tensor (``True``: skip this update)."""
+    if gate is not None and (
+        not isinstance(gate, torch.Tensor) or gate.dtype != torch.bool or gate.dim() != 0
+    ):
+        got = (
+            f"a {gate.dtype} tensor of shape {tuple(gate.shape)}"
+            if isinstance(gate, torch.Tensor)
+            else f"{type(gate).__name__} {gate!r}"
+        )
+        raise TypeError(
+            f"gate must be None or a 0-dim bool tensor on the tensors' device (True skips the "
+            f"update), got {got}; e.g. gate=~torch.isfinite(loss)."
+        )
+
+
+def group_indices(
+    shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+) -> dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]]:
+    """Pair indices grouped by (device, shadow dtype, source dtype), in order within each group.
+
+    Indices, not tensors, so that N slots can take their own shadows of one group.
+    """
+    groups: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = defaultdict(list)
+    for index, (shadow, source) in enumerate(zip(shadows, sources, strict=True)):
         if shadow.device != source.device:
             raise ValueError(
                 f"a shadow is on {shadow.device} but its tensor is on {source.device}; "
                 f"keep the model on one device, or call ema.to(device) after moving it."
             )
-        key = (shadow.device, shadow.dtype, source.dtype)
-        groups[key][0].append(shadow)
-        groups[key][1].append(source)
+        groups[(shadow.device, shadow.dtype, source.dtype)].append(index)
     return dict(groups)
+
+
+def group_by_device_and_dtype(
+    shadows: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+) -> dict[tuple[torch.device, torch.dtype, torch.dtype], Group]:
+    """Pairs grouped by (device, shadow dtype, source dtype), order kept within each group."""
+    return {
+        key: ([shadows[i] for i in indices], [sources[i] for i in indices])
+        for key, indices in group_indices(shadows, sources).items()
+    }
 
 
 def require_bf16_shadows(shadows: Sequence[torch.Tensor]) -> None:
@@ -90,16 +224,35 @@ def require_bf16_shadows(shadows: Sequence[torch.Tensor]) -> None:
 class DeviceState:
     """Per device, the 0-dim tensors an update reads on the device instead of from the host.
 
-    ``weights``: ``w = 1 - decay`` (fp64), filled from a Python float by :meth:`weight`, so a new
-    decay never recompiles or synchronises; ``seeds`` and ``counters`` (int64): the stochastic
-    stream's seed and update counter, advanced by :meth:`advance` (captured, it advances at
-    every replay).
+    ``slot_weights``: per slot, ``w_k = 1 - decay_k`` (fp64), filled from Python floats by
+    :meth:`fill_slots`, so a new decay never recompiles or synchronises; ``weights`` is slot 0's
+    (the one-slot form, :meth:`fill` and :meth:`weight`); ``seeds`` and ``counters`` (int64): the
+    stochastic stream's seed and update counter, advanced by :meth:`advance` (captured, it
+    advances at every replay).
     """
 
-    def __init__(self, devices: set[torch.device], seed: int = 0) -> None:
-        self.weights = {d: torch.zeros((), dtype=torch.float64, device=d) for d in devices}
+    def __init__(self, devices: set[torch.device], seed: int = 0, slots: int = 1) -> None:
+        self.slot_weights = {
+            d: [torch.zeros((), dtype=torch.float64, device=d) for _ in range(slots)]
+            for d in devices
+        }
+        self.weights = {d: ws[0] for d, ws in self.slot_weights.items()}
         self.seeds = {d: torch.tensor(seed, dtype=torch.int64, device=d) for d in devices}
         self.counters = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices}
+
+    def fill_slots(self, weights: Sequence[Weight]) -> None:
+        """Write each Python-float weight into its slot's tensor on every device (tensors: as is)."""
+        for k, weight in enumerate(weights):
+            if not isinstance(weight, torch.Tensor):
+                for ws in self.slot_weights.values():
+                    ws[k].fill_(weight)
+
+    def slot_weight(
+        self, weights: Sequence[Weight], slot: int, device: torch.device
+    ) -> torch.Tensor:
+        """Slot ``slot``'s weight as a tensor on ``device``: the caller's, or the filled one."""
+        weight = weights[slot]
+        return weight if isinstance(weight, torch.Tensor) else self.slot_weights[device][slot]
 
     def fill(self, weight: float | torch.Tensor) -> None:
         """Write a Python-float weight into every device's weight tensor (a tensor is used as is)."""
