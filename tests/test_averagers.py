@@ -355,6 +355,9 @@ def test_capturable_uniform_equals_eager(every):
 
 
 def test_capturable_uniform_update_does_not_touch_the_host(monkeypatch):
+    from polyak._kernels import _foreach
+
+    monkeypatch.setattr(_foreach, "HOST_GATE_DEVICES", frozenset())  # the CPU plays the device
     ema = polyak.EMA(mlp(), rule=Uniform(), update_every=2, capturable=True)
     ema.update()
     for name in ["item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu"]:

@@ -99,8 +99,14 @@ def test_wrong_weights_and_gates_are_refused_clearly(kernel):
         update.lerp_([0.5, 0.5], gate=True)
 
 
-def test_one_slot_kernels_refuse_n_slots_until_they_take_them():
-    """fused/triton take one slot until their N-slot versions land (issue 14, k2)."""
-    for kernel in sorted(_kernels._ONE_SLOT_KERNELS):
-        with pytest.raises(ValueError, match=f"kernel='{kernel}' updates one slot"):
-            _kernels.build(kernel, [[torch.zeros(2)], [torch.zeros(2)]], [torch.ones(2)])
+def test_every_kernel_takes_n_slots_through_build(monkeypatch):
+    """build() hands N slots to every kernel; each equals N one-slot updates (triton under its
+    CPU interpreter)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    kernels = ["reference", "foreach", "fused"] + (["triton"] if _kernels._has_triton() else [])
+    source = torch.tensor([1.0, 2.0, 4.0])
+    for kernel in kernels:
+        slots = [[torch.zeros(3)], [torch.full((3,), 8.0)]]
+        _kernels.build(kernel, slots, [source]).lerp_([0.5, 0.25])
+        assert torch.equal(slots[0][0], source / 2), kernel
+        assert torch.equal(slots[1][0], 8.0 + 0.25 * (source - 8.0)), kernel

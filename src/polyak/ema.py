@@ -570,11 +570,10 @@ class EMA:
                     )
                 self._warm = True
             with torch.no_grad():
+                # an off-step is skipped on the device by the gate, not lerped by weight 0,
+                # which would let a NaN in the weights through (0 * nan = nan)
                 weights, gate = self._device_weights()
-                # Until the engine takes the gate (issue 14: the kernels' device gate, k1/k2),
-                # an off-step lerps with weight 0, which lets a NaN in the weights through
-                # (0 * nan = nan). To connect: self._engine.run(weights, gate=gate).
-                self._engine.run(torch.where(gate, 0.0, weights[0]))
+                self._engine.run(weights, gate)
             return
         self._step += 1
         if self._step % self.update_every:

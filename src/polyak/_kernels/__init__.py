@@ -151,11 +151,6 @@ def _has_triton() -> bool:
     return True
 
 
-# Kernels whose Update still takes one flat list of shadows (k2 brings them to N slots in issue 14;
-# the lead empties this set when merging): build hands them slot 0's list.
-_ONE_SLOT_KERNELS = {"fused", "triton"}
-
-
 def build(
     kernel: str,
     shadows: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
@@ -177,13 +172,6 @@ def build(
     slots = as_slots(shadows)
     check_slots(slots, sources)
     stochastic = rounding == "stochastic"
-    if kernel in _ONE_SLOT_KERNELS:
-        if len(slots) != 1:
-            raise ValueError(
-                f"kernel={kernel!r} updates one slot of shadows, got {len(slots)} slots; use "
-                f"kernel='foreach' or 'reference' for several slots."
-            )
-        return KERNELS[kernel](slots[0], list(sources), stochastic=stochastic, seed=seed)
     return KERNELS[kernel](slots, list(sources), stochastic=stochastic, seed=seed)
 
 

@@ -269,13 +269,15 @@ class DeviceState:
             counter.add_(1)
 
 
-# ---------------------------------------------------------------- N slots (shared by fused, triton)
+# ------------------------------------------------ N slots, as the compiled kernels (fused, triton) take them
+# (the same contract as as_slots/check_slots/as_weights/check_gate above, which reference and
+# foreach use; written by two hands at once, to be made one)
 
 Slots = list[list[torch.Tensor]]
 GroupKey = tuple[torch.device, torch.dtype, torch.dtype]
 
 
-def as_slots(
+def slots_for(
     slots: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
     sources: Sequence[torch.Tensor],
 ) -> Slots:
@@ -333,7 +335,7 @@ def as_slots(
     return out
 
 
-def as_weights(weights: object, slots: int) -> list[float | torch.Tensor]:
+def slot_weights(weights: object, slots: int) -> list[float | torch.Tensor]:
     """``weights`` as one weight per slot: a float or a 0-dim tensor each.
 
     A single float or 0-dim tensor is a one-slot call (today's ``lerp_(w)``).
@@ -364,7 +366,7 @@ def as_weights(weights: object, slots: int) -> list[float | torch.Tensor]:
     return list(weights)
 
 
-def check_gate(gate: torch.Tensor, device: torch.device) -> None:
+def check_gate_on(gate: torch.Tensor, device: torch.device) -> None:
     """A gate is a 0-dim bool tensor on ``device`` (read there, never on the host)."""
     if not isinstance(gate, torch.Tensor) or gate.dtype != torch.bool or gate.dim() != 0:
         what = (

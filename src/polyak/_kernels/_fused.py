@@ -36,12 +36,12 @@ import torch
 
 from polyak._kernels._base import (
     SlotState,
-    as_slots,
-    as_weights,
-    check_gate,
+    check_gate_on,
     group_slots,
     lerp_in_compute_dtype,
     require_bf16_shadows,
+    slot_weights,
+    slots_for,
 )
 from polyak._kernels._stochastic import keyed_stochastic_lerp, stream_key, stream_offsets
 
@@ -137,7 +137,7 @@ class FusedUpdate:
         stochastic: bool = False,
         seed: int = 0,
     ) -> None:
-        self.slots = as_slots(slots, sources)
+        self.slots = slots_for(slots, sources)
         self.sources = list(sources)
         grouped = group_slots(self.slots, sources)
         # per group: its key, its tensors in every slot, its sources
@@ -174,10 +174,10 @@ class FusedUpdate:
         ``weights``: one float or 0-dim tensor per slot (one alone for one slot). ``gate``: None,
         or a 0-dim bool tensor on the shadows' device; True leaves every shadow as it was.
         """
-        weights = as_weights(weights, len(self.slots))
+        weights = slot_weights(weights, len(self.slots))
         if gate is not None:
             for device in self.state.counters:
-                check_gate(gate, device)
+                check_gate_on(gate, device)
         self.state.fill(weights)
         if self.stochastic:  # one key per update and device, shared by all its groups and slots
             for device, key in self.keys.items():

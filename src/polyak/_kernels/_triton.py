@@ -52,11 +52,11 @@ import triton.language as tl
 
 from polyak._kernels._base import (
     SlotState,
-    as_slots,
-    as_weights,
-    check_gate,
+    check_gate_on,
     group_slots,
     require_bf16_shadows,
+    slot_weights,
+    slots_for,
 )
 from polyak._kernels._stochastic import stream_offsets
 
@@ -335,7 +335,7 @@ class TritonUpdate:
         stochastic: bool = False,
         seed: int = 0,
     ) -> None:
-        self.slots = as_slots(slots, sources)
+        self.slots = slots_for(slots, sources)
         for shadows in self.slots:
             check_applicable(shadows, sources)
         if stochastic:
@@ -367,10 +367,10 @@ class TritonUpdate:
         ``weights``: one float or 0-dim tensor per slot (one alone for one slot). ``gate``: None,
         or a 0-dim bool tensor on the shadows' device; True leaves every shadow as it was.
         """
-        weights = as_weights(weights, len(self.slots))
+        weights = slot_weights(weights, len(self.slots))
         if gate is not None:
             for group in self.groups:
-                check_gate(gate, group.device)
+                check_gate_on(gate, group.device)
         self.state.fill(weights)
         if self.stochastic:  # once per update, gated or not
             self.state.advance()
