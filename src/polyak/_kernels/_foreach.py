@@ -351,14 +351,15 @@ class ForeachUpdate:
     are each slot's one-slot update bit for bit (the same elementwise lerp on the same values;
     only a NaN result may take another NaN bit pattern, as ATen's vector and scalar loops differ).
 
-    Measured on a 2-core EPYC (32 MiB L3; ``bench/slots_speed.py``, paired ratios, three quiet
-    runs), two slots against two one-slot updates of the same shapes: ResNet-50 (25.6M fp32)
-    0.81-0.88x, with its buffers 0.75-0.82x, ViT-S 0.79-0.87x, the CPU-scale transformer
-    0.82-0.91x, bf16 weights with fp32 shadows 0.73-0.79x (one upcast for both slots). Little is
-    saved where memory traffic is not the cost: 1024 tiny tensors 0.90-0.99x (the per-call cost
-    dominates; as stacked rows 0.74-0.82x) and bf16 weights with bf16 shadows 0.96-0.99x (ATen's
-    bf16 lerp is bound by compute there, 43 GB/s against 60 for fp32). The traffic floor is
-    20/24 = 0.83x for fp32 (the source read once instead of twice).
+    Measured on a 2-core EPYC (32 MiB L3; ``bench/slots_speed.py``, paired ratios, four quiet
+    runs, the last in ``bench/results/slots_speed_cpu_2026-12-04.json``), two slots against two
+    one-slot updates of the same shapes: ResNet-50 (25.6M fp32) 0.81-0.88x, with its buffers
+    0.75-0.92x, ViT-S 0.79-0.87x, the CPU-scale transformer 0.82-0.91x, bf16 weights with fp32
+    shadows 0.73-0.80x (one upcast for both slots). Little is saved where memory traffic is not
+    the cost: 1024 tiny tensors 0.90-0.99x (the per-call cost dominates; as stacked rows
+    0.74-0.82x) and bf16 weights with bf16 shadows 0.96-0.99x (ATen's bf16 lerp is bound by
+    compute there, 43 GB/s against 60 for fp32). The traffic floor is 20/24 = 0.83x for fp32
+    (the source read once instead of twice).
 
     The gate (``True`` skips the update):
 
