@@ -142,6 +142,12 @@ def test_stacked_slots_are_found_only_where_the_rows_lie_apart():
     assert _kernels.build("foreach", rows, [torch.ones(4)]).chunked.stacked is None
     reversed_rows = stack_slots(slots)[::-1]  # row 2 first: a negative step
     assert _kernels.build("foreach", reversed_rows, sources).chunked.stacked is None
+    # rows are a CPU path: elsewhere (meta here, standing for CUDA, where a broadcast source
+    # would leave the multi-tensor fast path) stacked slots are lerped slot by slot
+    meta = torch.zeros(2, 5, device="meta")
+    plan = _kernels.build("foreach", [[meta[0]], [meta[1]]], [meta[0].clone()]).chunked
+    assert plan.stacked is not None
+    assert [(len(c.rows), len(c.slots)) for c in plan.chunks] == [(0, 2)]
 
 
 def test_one_slot_stays_on_todays_path():
