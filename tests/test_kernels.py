@@ -594,3 +594,23 @@ def test_triton_fits_checks_each_pair(monkeypatch):
     assert not _kernels._triton_fits([], [])
     monkeypatch.setattr(_kernels, "_has_triton", lambda: False)
     assert not _kernels._triton_fits([shadow], [torch.ones(3, 4)])
+
+
+def test_auto_chooses_again_when_the_shadows_move(monkeypatch):
+    """``kernel="auto"`` is re-chosen by ``ema.to(device)`` (emulated: the rule is made to pick
+    ``reference`` for meta tensors); an explicit kernel stays as asked."""
+    import polyak
+
+    real = _kernels.auto_kernel
+
+    def by_device(**kw):
+        return "reference" if kw["device_types"] == {"meta"} else real(**kw)
+
+    monkeypatch.setattr(_kernels, "auto_kernel", by_device)
+    model = nn.Linear(3, 2)
+    auto, fixed = polyak.EMA(model), polyak.EMA(model, kernel="foreach")
+    assert auto.kernel == fixed.kernel == "foreach"
+    model.to("meta")
+    auto.to("meta")
+    fixed.to("meta")
+    assert auto.kernel == "reference" and fixed.kernel == "foreach"

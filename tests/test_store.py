@@ -96,3 +96,12 @@ def test_local_is_the_shard_of_a_dtensor(tmp_path):
         assert local(plain) is plain
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (GPU machine)")
+def test_to_another_device_moves_and_keeps_the_objects():
+    store = ShadowStore(tracked(), slots=("a", "b"))
+    held, copy = store.get("w", "b"), store.get("n")
+    store.to("cuda")
+    assert store.get("w", "b") is held and held.is_cuda
+    assert store.get("n") is copy and copy.is_cuda
