@@ -27,7 +27,7 @@ a captured CUDA graph keeps the storage it was captured with.
 
 Nothing here knows names or averaging: callers pass tensors. FSDP2 and DTensor are looked up only
 where ``torch.distributed`` already loaded them (a model cannot hold a DTensor before that), so this
-module imports nothing at import time.
+module imports nothing of torch.distributed at import time.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from polyak._store import local
 
 __all__ = ["Backup", "in_place", "local", "put", "reshard", "save", "take_back", "write"]
 
@@ -53,15 +55,6 @@ def in_place(tensor: torch.Tensor) -> bool:
     FSDP2 reads its own sharded storage) rather than by re-pointing ``.data``."""
     dtensor = _dtensor_type()
     return dtensor is not None and isinstance(tensor, dtensor)
-
-
-def local(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor's local shard if it is a DTensor (a view of the storage FSDP2 gathers from),
-    else the tensor itself."""
-    if in_place(tensor):
-        with torch.no_grad():  # the shard's storage itself, not a differentiable copy of it
-            return tensor.to_local()  # type: ignore[attr-defined]
-    return tensor
 
 
 def reshard(model: nn.Module | None) -> None:

@@ -25,9 +25,13 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensor a kernel works on: a DTensor's local shard (same storage), else the tensor."""
+    """The tensor a kernel works on: a DTensor's local shard (a view of the storage FSDP2 gathers
+    from, not a differentiable copy of it), else the tensor itself."""
     to_local = getattr(tensor, "to_local", None)
-    return to_local() if to_local is not None else tensor
+    if to_local is None:
+        return tensor
+    with torch.no_grad():
+        return to_local()
 
 
 class ShadowStore:
