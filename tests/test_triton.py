@@ -439,7 +439,7 @@ def test_slot_errors_are_clear():
     with pytest.raises(ValueError, match="dense and laid out like its shadow"):
         triton_update([[shadow], [other]], sources)
     update = triton_update([[shadow], [shadow.clone()]], sources)
-    with pytest.raises(ValueError, match="got 1 weights for 2 slots"):
+    with pytest.raises(ValueError, match=r"got 1 weight\(s\) for 2 slot\(s\)"):
         update.lerp_(0.5)
     with pytest.raises(TypeError, match="gate must be None or a 0-dim bool tensor"):
         update.lerp_([0.5, 0.5], gate=torch.zeros((), dtype=torch.int8, device=DEVICE))

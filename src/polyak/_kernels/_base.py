@@ -157,21 +157,38 @@ def as_weights(weights: Weights, slots: int) -> list[Weight]:
             f"got a weight tensor of shape {tuple(weights.shape)}; pass one weight per slot as a "
             f"sequence of floats or 0-dim tensors (e.g. list(w.unbind()))."
         )
+    elif isinstance(weights, str) or not isinstance(weights, Sequence):
+        raise TypeError(
+            f"weights must be a float or 0-dim tensor per slot, got {type(weights).__name__}."
+        )
     else:
-        listed = list(weights)  # type: ignore[arg-type]
+        listed = list(weights)
     if len(listed) != slots:
         raise ValueError(
             f"got {len(listed)} weight(s) for {slots} slot(s); pass one weight (1 - decay) per "
             f"slot, e.g. lerp_([w0, w1]) for two slots."
         )
+    for k, weight in enumerate(listed):
+        if isinstance(weight, torch.Tensor):
+            if weight.dim() != 0:
+                raise ValueError(
+                    f"slot {k}'s weight is a tensor of shape {tuple(weight.shape)}; a device "
+                    f"weight is a 0-dim tensor (torch.tensor(w, dtype=torch.float64, device=...))."
+                )
+        elif not isinstance(weight, numbers.Real):
+            raise TypeError(
+                f"slot {k}'s weight is a {type(weight).__name__}; expected a float or a 0-dim "
+                f"tensor."
+            )
     return listed
 
 
-def check_gate(gate: torch.Tensor | None) -> None:
-    """``gate`` must be ``None`` or a 0-dim bool tensor (``True``: skip this update)."""
-    if gate is not None and (
-        not isinstance(gate, torch.Tensor) or gate.dtype != torch.bool or gate.dim() != 0
-    ):
+def check_gate(gate: torch.Tensor | None, device: torch.device | None = None) -> None:
+    """``gate`` must be ``None`` or a 0-dim bool tensor (``True``: skip this update), on ``device``
+    where given (it is read there, never on the host)."""
+    if gate is None:
+        return
+    if not isinstance(gate, torch.Tensor) or gate.dtype != torch.bool or gate.dim() != 0:
         got = (
             f"a {gate.dtype} tensor of shape {tuple(gate.shape)}"
             if isinstance(gate, torch.Tensor)
@@ -180,6 +197,11 @@ def check_gate(gate: torch.Tensor | None) -> None:
         raise TypeError(
             f"gate must be None or a 0-dim bool tensor on the tensors' device (True skips the "
             f"update), got {got}; e.g. gate=~torch.isfinite(loss)."
+        )
+    if device is not None and gate.device != device:
+        raise ValueError(
+            f"the gate is on {gate.device} but the shadows are on {device}; keep the gate on the "
+            f"shadows' device (it is read there, without a host sync)."
         )
 
 
@@ -270,8 +292,8 @@ class DeviceState:
 
 
 # ------------------------------------------------ N slots, as the compiled kernels (fused, triton) take them
-# (the same contract as as_slots/check_slots/as_weights/check_gate above, which reference and
-# foreach use; written by two hands at once, to be made one)
+# (slots_for is as_slots + check_slots above with the compiled kernels' messages; SlotState keeps
+# the N weights as one vector; written by two hands at once, still to be made one)
 
 Slots = list[list[torch.Tensor]]
 GroupKey = tuple[torch.device, torch.dtype, torch.dtype]
@@ -333,56 +355,6 @@ def slots_for(
                 )
             seen[id(shadow)] = (k, i)
     return out
-
-
-def slot_weights(weights: object, slots: int) -> list[float | torch.Tensor]:
-    """``weights`` as one weight per slot: a float or a 0-dim tensor each.
-
-    A single float or 0-dim tensor is a one-slot call (today's ``lerp_(w)``).
-    """
-    if isinstance(weights, torch.Tensor | numbers.Real):
-        weights = [weights]
-    if not isinstance(weights, Sequence) or isinstance(weights, str):
-        raise TypeError(
-            f"weights must be a float or 0-dim tensor per slot, got {type(weights).__name__}."
-        )
-    if len(weights) != slots:
-        raise ValueError(
-            f"got {len(weights)} weights for {slots} slots; pass one weight per slot (a float or "
-            f"a 0-dim float64 tensor on the shadows' device each)."
-        )
-    for k, weight in enumerate(weights):
-        if isinstance(weight, torch.Tensor):
-            if weight.dim() != 0:
-                raise ValueError(
-                    f"slot {k}'s weight is a tensor of shape {tuple(weight.shape)}; a device "
-                    f"weight is a 0-dim tensor (torch.tensor(w, dtype=torch.float64, device=...))."
-                )
-        elif not isinstance(weight, numbers.Real):
-            raise TypeError(
-                f"slot {k}'s weight is a {type(weight).__name__}; expected a float or a 0-dim "
-                f"tensor."
-            )
-    return list(weights)
-
-
-def check_gate_on(gate: torch.Tensor, device: torch.device) -> None:
-    """A gate is a 0-dim bool tensor on ``device`` (read there, never on the host)."""
-    if not isinstance(gate, torch.Tensor) or gate.dtype != torch.bool or gate.dim() != 0:
-        what = (
-            f"a {gate.dtype} tensor of shape {tuple(gate.shape)}"
-            if isinstance(gate, torch.Tensor)
-            else f"a {type(gate).__name__}"
-        )
-        raise TypeError(
-            f"gate must be None or a 0-dim bool tensor (True skips the update), got {what}; "
-            f"e.g. torch.zeros((), dtype=torch.bool, device=...)."
-        )
-    if gate.device != device:
-        raise ValueError(
-            f"the gate is on {gate.device} but the shadows are on {device}; keep the gate on the "
-            f"shadows' device (it is read there, without a host sync)."
-        )
 
 
 def group_slots(slots: Slots, sources: Sequence[torch.Tensor]) -> list[tuple[GroupKey, list[int]]]:

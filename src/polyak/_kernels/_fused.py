@@ -36,11 +36,11 @@ import torch
 
 from polyak._kernels._base import (
     SlotState,
-    check_gate_on,
+    as_weights,
+    check_gate,
     group_slots,
     lerp_in_compute_dtype,
     require_bf16_shadows,
-    slot_weights,
     slots_for,
 )
 from polyak._kernels._stochastic import keyed_stochastic_lerp, stream_key, stream_offsets
@@ -174,10 +174,10 @@ class FusedUpdate:
         ``weights``: one float or 0-dim tensor per slot (one alone for one slot). ``gate``: None,
         or a 0-dim bool tensor on the shadows' device; True leaves every shadow as it was.
         """
-        weights = slot_weights(weights, len(self.slots))
+        weights = as_weights(weights, len(self.slots))
         if gate is not None:
             for device in self.state.counters:
-                check_gate_on(gate, device)
+                check_gate(gate, device)
         self.state.fill(weights)
         if self.stochastic:  # one key per update and device, shared by all its groups and slots
             for device, key in self.keys.items():

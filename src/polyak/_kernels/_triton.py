@@ -52,10 +52,10 @@ import triton.language as tl
 
 from polyak._kernels._base import (
     SlotState,
-    check_gate_on,
+    as_weights,
+    check_gate,
     group_slots,
     require_bf16_shadows,
-    slot_weights,
     slots_for,
 )
 from polyak._kernels._stochastic import stream_offsets
@@ -367,10 +367,10 @@ class TritonUpdate:
         ``weights``: one float or 0-dim tensor per slot (one alone for one slot). ``gate``: None,
         or a 0-dim bool tensor on the shadows' device; True leaves every shadow as it was.
         """
-        weights = slot_weights(weights, len(self.slots))
+        weights = as_weights(weights, len(self.slots))
         if gate is not None:
             for group in self.groups:
-                check_gate_on(gate, group.device)
+                check_gate(gate, group.device)
         self.state.fill(weights)
         if self.stochastic:  # once per update, gated or not
             self.state.advance()
