@@ -224,16 +224,24 @@ def test_stream_offsets_shift_each_slot_by_the_elements_of_one_slot():
 def test_clear_errors_for_bad_slots_weights_and_gates():
     a, b = [torch.zeros(3), torch.zeros(2)], [torch.zeros(3), torch.zeros(2)]
     sources = [torch.ones(3), torch.ones(2)]
-    with pytest.raises(ValueError, match="slot 1 holds 1 shadows for 2 sources"):
+    with pytest.raises(ValueError, match="slot 1 holds 1 shadows but there are 2 sources"):
         FusedUpdate([a, b[:1]], sources)
-    with pytest.raises(ValueError, match=r"slot 1's shadow 0 is torch.float64 \(3,\) on cpu"):
+    with pytest.raises(
+        ValueError, match=r"slot 1's shadow 0 is torch.float64 on cpu but slot 0's is torch.float32"
+    ):
         FusedUpdate([a, [b[0].double(), b[1]]], sources)
-    with pytest.raises(ValueError, match="slot 1's shadow 1 is the same tensor as slot 0's"):
+    with pytest.raises(
+        ValueError, match="slot 1's shadow 1 is the same tensor as an earlier slot's"
+    ):
         FusedUpdate([a, [b[0], a[1]]], sources)
-    with pytest.raises(TypeError, match="slot 1 is a Tensor, expected a list of shadows"):
+    with pytest.raises(TypeError, match="got a list holding Tensor, list; wrap each slot"):
         FusedUpdate([a, b[0]], sources)
-    with pytest.raises(TypeError, match="slot 0's shadow 1 is a list, not a Tensor"):
+    with pytest.raises(TypeError, match="got a list holding Tensor, list; wrap each slot"):
         FusedUpdate([a[0], b], sources)
+    with pytest.raises(TypeError, match="slot 1's shadow 1 is a list, not a Tensor"):
+        FusedUpdate([a, [b[0], b]], sources)
+    with pytest.raises(TypeError, match="shadows must be a list of tensors .* got Tensor"):
+        FusedUpdate(a[0], sources)
     update = FusedUpdate([a, b], sources)  # nothing compiles before the first valid update
     with pytest.raises(ValueError, match=r"got 1 weight\(s\) for 2 slot\(s\)"):
         update.lerp_(0.5)

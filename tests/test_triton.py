@@ -433,7 +433,7 @@ def test_stochastic_slots_draw_the_shifted_stream():
 def test_slot_errors_are_clear():
     sources = on_device([torch.ones(2, 3, 4, 5)])
     shadow = on_device([torch.zeros(2, 3, 4, 5)])[0]
-    with pytest.raises(ValueError, match="slot 1 holds 0 shadows for 1 sources"):
+    with pytest.raises(ValueError, match="slot 1 holds 0 shadows but there are 1 sources"):
         triton_update([[shadow], []], sources)
     other = shadow.clone().contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="dense and laid out like its shadow"):

@@ -90,6 +90,11 @@ def as_slots(
 
     An empty list is one empty slot.
     """
+    if isinstance(shadows, torch.Tensor) or not isinstance(shadows, Sequence):
+        raise TypeError(
+            f"shadows must be a list of tensors (one slot) or a list of lists of tensors (one list "
+            f"per slot), got {type(shadows).__name__}."
+        )
     if all(isinstance(s, torch.Tensor) for s in shadows):
         return [list(shadows)]  # type: ignore[arg-type]
     if all(isinstance(s, (list, tuple)) for s in shadows):
@@ -119,6 +124,12 @@ def check_slots(slots: Sequence[Sequence[torch.Tensor]], sources: Sequence[torch
                 f"slot {k} holds {len(slot)} shadows but there are {len(sources)} sources; every "
                 f"slot needs one shadow per source, in the sources' order."
             )
+        for i, shadow in enumerate(slot):
+            if not isinstance(shadow, torch.Tensor):
+                raise TypeError(
+                    f"slot {k}'s shadow {i} is a {type(shadow).__name__}, not a Tensor; each slot "
+                    f"is a flat list of shadows, one per source."
+                )
     for i, source in enumerate(sources):
         first = slots[0][i]
         for k, slot in enumerate(slots):
@@ -292,69 +303,11 @@ class DeviceState:
 
 
 # ------------------------------------------------ N slots, as the compiled kernels (fused, triton) take them
-# (slots_for is as_slots + check_slots above with the compiled kernels' messages; SlotState keeps
-# the N weights as one vector; written by two hands at once, still to be made one)
+# (SlotState keeps the N weights as one vector where DeviceState keeps one tensor per slot; written
+# by two hands at once, still to be made one)
 
 Slots = list[list[torch.Tensor]]
 GroupKey = tuple[torch.device, torch.dtype, torch.dtype]
-
-
-def slots_for(
-    slots: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
-    sources: Sequence[torch.Tensor],
-) -> Slots:
-    """``slots`` as N lists of shadows, each parallel to ``sources``; a clear error otherwise.
-
-    ``slots[k][i]`` is slot k's shadow of ``sources[i]``. A plain list of tensors is one slot (the
-    one-slot form of today's callers), and so is an empty list. Every slot holds the same shapes,
-    dtypes and devices, and no tensor appears twice (each slot owns its shadows).
-    """
-    if isinstance(slots, torch.Tensor) or not isinstance(slots, Sequence):
-        raise TypeError(
-            f"slots must be a list of N lists of shadows (or one list of shadows for one slot), "
-            f"got {type(slots).__name__}."
-        )
-    if not slots or isinstance(slots[0], torch.Tensor):
-        slots = [slots]  # type: ignore[list-item]
-    out: Slots = []
-    for k, slot in enumerate(slots):
-        if isinstance(slot, torch.Tensor) or not isinstance(slot, Sequence):
-            raise TypeError(
-                f"slot {k} is a {type(slot).__name__}, expected a list of shadows; pass "
-                f"slots=[[s0_a, s0_b, ...], [s1_a, s1_b, ...]] (or one list for one slot)."
-            )
-        if len(slot) != len(sources):
-            raise ValueError(
-                f"slot {k} holds {len(slot)} shadows for {len(sources)} sources; give every slot "
-                f"one shadow per source, in the sources' order."
-            )
-        for i, shadow in enumerate(slot):
-            if not isinstance(shadow, torch.Tensor):
-                raise TypeError(
-                    f"slot {k}'s shadow {i} is a {type(shadow).__name__}, not a Tensor."
-                )
-        out.append(list(slot))
-    seen: dict[int, tuple[int, int]] = {}
-    for k, slot in enumerate(out):
-        for i, shadow in enumerate(slot):
-            first = out[0][i]
-            if (shadow.shape, shadow.dtype, shadow.device) != (
-                first.shape,
-                first.dtype,
-                first.device,
-            ):
-                raise ValueError(
-                    f"slot {k}'s shadow {i} is {shadow.dtype} {tuple(shadow.shape)} on "
-                    f"{shadow.device}, but slot 0's is {first.dtype} {tuple(first.shape)} on "
-                    f"{first.device}; every slot holds the same shapes, dtypes and devices."
-                )
-            if id(shadow) in seen:
-                raise ValueError(
-                    f"slot {k}'s shadow {i} is the same tensor as slot {seen[id(shadow)][0]}'s "
-                    f"shadow {seen[id(shadow)][1]}; every shadow needs its own tensor."
-                )
-            seen[id(shadow)] = (k, i)
-    return out
 
 
 def group_slots(slots: Slots, sources: Sequence[torch.Tensor]) -> list[tuple[GroupKey, list[int]]]:

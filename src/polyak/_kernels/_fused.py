@@ -36,12 +36,13 @@ import torch
 
 from polyak._kernels._base import (
     SlotState,
+    as_slots,
     as_weights,
     check_gate,
+    check_slots,
     group_slots,
     lerp_in_compute_dtype,
     require_bf16_shadows,
-    slots_for,
 )
 from polyak._kernels._stochastic import keyed_stochastic_lerp, stream_key, stream_offsets
 
@@ -137,7 +138,8 @@ class FusedUpdate:
         stochastic: bool = False,
         seed: int = 0,
     ) -> None:
-        self.slots = slots_for(slots, sources)
+        self.slots = as_slots(slots)
+        check_slots(self.slots, sources)
         self.sources = list(sources)
         grouped = group_slots(self.slots, sources)
         # per group: its key, its tensors in every slot, its sources

@@ -52,11 +52,12 @@ import triton.language as tl
 
 from polyak._kernels._base import (
     SlotState,
+    as_slots,
     as_weights,
     check_gate,
+    check_slots,
     group_slots,
     require_bf16_shadows,
-    slots_for,
 )
 from polyak._kernels._stochastic import stream_offsets
 
@@ -335,7 +336,8 @@ class TritonUpdate:
         stochastic: bool = False,
         seed: int = 0,
     ) -> None:
-        self.slots = slots_for(slots, sources)
+        self.slots = as_slots(slots)
+        check_slots(self.slots, sources)
         for shadows in self.slots:
             check_applicable(shadows, sources)
         if stochastic:
