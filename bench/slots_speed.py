@@ -6,7 +6,7 @@ Run from the repository root (``PYTHONPATH=src`` unless polyak is installed):
     PYTHONPATH=src python bench/slots_speed.py --workloads resnet50 --chunks 262144 1048576 4194304
     PYTHONPATH=src python bench/slots_speed.py --threads 1 --rounds 60
 
-Kernel level, no EMA object: for each workload of ``bench/update_speed.py`` (its CPU scale), the
+Kernel level first: for each workload of ``bench/update_speed.py`` (its CPU scale), the
 averaged tensors of the model (its floating parameters, and floating buffers where the workload
 tracks them) at the workload's shadow dtype, and these implementations:
 
@@ -17,6 +17,12 @@ tracks them) at the workload's shadow dtype, and these implementations:
   tensor (``stacked_rows``: one lerp per tensor for both slots);
 - ``one_slot``: one one-slot update (half of ``separate``; the floor ``two_slots`` approaches is
   20/24 of ``separate`` for fp32: a source read once instead of twice).
+
+Then the same through ``polyak.EMA`` (``update()``, kernel ``foreach``, the workload's buffer and
+shadow-dtype policy, decays 0.999 and 0.9999), each ratio to ``ema_separate``:
+
+- ``ema_separate``: two ``polyak.EMA`` objects, one per decay (what every peer offers);
+- ``ema_two_slots``: one ``polyak.EMA(model, rule=averagers.Exponentials((0.999, 0.9999)))``.
 
 Timing as in ``update_speed.py``: round-robin, order shuffled each round (seeded), warm-up
 excluded; each ratio to ``separate`` is paired round by round, with a 95% bootstrap interval.
@@ -48,7 +54,8 @@ from _common import (
 )
 from update_speed import WORKLOADS
 
-from polyak import _kernels
+import polyak
+from polyak import _kernels, averagers
 from polyak._kernels import _foreach
 
 DEFAULT_WORKLOADS = [
@@ -63,13 +70,30 @@ DEFAULT_WORKLOADS = [
 WEIGHT = 1e-3
 
 
-def tracked(name: str) -> tuple[list[torch.Tensor], torch.dtype, str]:
-    """The workload's averaged tensors, its shadow dtype and its description."""
-    workload = WORKLOADS[name]("cpu")
+DECAYS = (0.999, 0.9999)
+
+
+def tracked(workload: Any) -> list[torch.Tensor]:
+    """The workload's averaged tensors."""
     tensors = [p.detach() for p in workload.model.parameters() if p.is_floating_point()]
     if workload.buffers:
         tensors += [b for b in workload.model.buffers() if b.is_floating_point()]
-    return tensors, workload.shadow_dtype, workload.arch
+    return tensors
+
+
+def ema_implementations(workload: Any) -> dict[str, Any]:
+    """Two EMAs against one EMA with two slots, through ``polyak.EMA.update()``."""
+    settings = {
+        "buffers": "average" if workload.buffers else "none",
+        "shadow_dtype": workload.shadow_dtype,
+        "kernel": "foreach",
+    }
+    separate = [polyak.EMA(workload.model, d, **settings) for d in DECAYS]
+    both = polyak.EMA(workload.model, rule=averagers.Exponentials(DECAYS), **settings)
+    return {
+        "ema_separate": lambda: [ema.update() for ema in separate],
+        "ema_two_slots": both.update,
+    }
 
 
 def implementations(
@@ -98,8 +122,9 @@ def implementations(
 
 
 def run(name: str, rounds: int, warmup: int, chunks: list[int], seed: int) -> dict[str, Any]:
-    sources, dtype, arch = tracked(name)
-    impls = implementations(sources, dtype, chunks)
+    workload = WORKLOADS[name]("cpu")
+    sources, dtype, arch = tracked(workload), workload.shadow_dtype, workload.arch
+    impls = implementations(sources, dtype, chunks) | ema_implementations(workload)
     times: dict[str, list[float]] = {k: [] for k in impls}
     rng = random.Random(seed)
     monitor = LoadMonitor().start()
@@ -116,9 +141,17 @@ def run(name: str, rounds: int, warmup: int, chunks: list[int], seed: int) -> di
     rows = []
     for label, samples in times.items():
         med, iqr = median_iqr(samples)
-        ratio, lo, hi = paired_ratio(samples, times["separate"])
+        baseline = "ema_separate" if label.startswith("ema_") else "separate"
+        ratio, lo, hi = paired_ratio(samples, times[baseline])
         rows.append(
-            {"impl": label, "median_ms": med, "iqr_ms": iqr, "ratio": ratio, "ci": [lo, hi]}
+            {
+                "impl": label,
+                "median_ms": med,
+                "iqr_ms": iqr,
+                "baseline": baseline,
+                "ratio": ratio,
+                "ci": [lo, hi],
+            }
         )
     return {
         "workload": name,
@@ -165,6 +198,7 @@ def main() -> None:
             "impl": row["impl"],
             "ms": f"{row['median_ms']:.2f}",
             "ratio": f"{row['ratio']:.3f} [{row['ci'][0]:.3f}, {row['ci'][1]:.3f}]",
+            "baseline": row["baseline"],
             "load": f"{r['foreign_cores']:.2f}" if r["foreign_cores"] is not None else "?",
         }
         for r in results
@@ -174,7 +208,8 @@ def main() -> None:
         ("workload", "workload"),
         ("impl", "impl"),
         ("ms", "median ms"),
-        ("ratio", "ratio to separate [95%]"),
+        ("ratio", "ratio [95%]"),
+        ("baseline", "to"),
         ("load", "other busy cores"),
     ]
     print(markdown_table(table, columns, fmt=str))

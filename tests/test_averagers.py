@@ -267,7 +267,7 @@ def test_read_is_the_identity_by_default():
 
 
 class TwoRates(Rule):
-    """A two-slot rule (the API is for N slots; polyak.EMA takes one for now)."""
+    """A two-slot rule with constant weights."""
 
     slots = ("fast", "slow")
 
@@ -416,9 +416,19 @@ def test_a_rule_must_be_a_rule():
         polyak.EMA(mlp(), rule=0.9)  # type: ignore[arg-type]
 
 
-def test_several_slots_are_not_built_yet():
-    with pytest.raises(NotImplementedError, match=r"keeps 2 averages \(slots \('fast', 'slow'\)\)"):
-        polyak.EMA(mlp(), rule=TwoRates())
+def test_a_rule_with_several_slots_keeps_one_average_per_slot():
+    """Each slot moves by its own weight: after one update from s = θ0, s_k = θ0 + w_k (θ1 - θ0)."""
+    model = mlp()
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = polyak.EMA(model, rule=TwoRates(), kernel="reference")
+    assert ema.slots == ("fast", "slow")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    for (name, p), p0 in zip(model.named_parameters(), start, strict=True):
+        for slot, w in (("fast", 0.5), ("slow", 0.1)):
+            torch.testing.assert_close(ema.average(name, slot=slot), p0 + w * (p.detach() - p0))
 
 
 def test_capturable_refuses_a_python_callable_given_as_a_rule():

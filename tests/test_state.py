@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import polyak
-from polyak import _state, schedules
+from polyak import _state, averagers, schedules
 from polyak.ema import LoadedSettingsWarning
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -480,13 +480,16 @@ def test_a_corrupted_v1_file_is_refused_after_its_upgrade(corrupt, fragment):
 
 
 @dataclasses.dataclass(eq=False)
-class Counting:
-    """A stand-in for a rule with a setting and state (the kind polyak.averagers grows): only
-    what the state dict uses."""
+class Counting(averagers.Rule):
+    """A stand-in for a rule with a setting and state (the kind polyak.averagers grows): a
+    constant weight, and what the state dict uses."""
 
     slots: ClassVar[tuple[str, ...]] = ("counted",)
     scale: float = 0.5
     count: Any = dataclasses.field(default=0, init=False)
+
+    def weights(self, first: Any, last: Any, ops: Any = averagers.HOST) -> tuple[Any]:
+        return (0.5,)
 
     def state_dict(self) -> dict[str, Any]:
         return {"count": self.count}
@@ -499,9 +502,7 @@ class Counting:
 
 
 def counting_ema(scale: float, seed: int = 0) -> polyak.EMA:
-    ema = polyak.EMA(small_net(seed))
-    ema.rule = Counting(scale)
-    return ema
+    return polyak.EMA(small_net(seed), rule=Counting(scale))
 
 
 def test_a_rules_settings_and_state_are_stored_and_loaded():
@@ -559,8 +560,7 @@ def test_a_rules_own_checks_run_before_anything_changes():
 
 
 def test_a_rule_setting_that_is_no_data_is_refused_when_saving():
-    ema = polyak.EMA(small_net())
-    ema.rule = Counting(scale=torch.ones(2))
+    ema = polyak.EMA(small_net(), rule=Counting(scale=torch.ones(2)))
     with pytest.raises(TypeError, match=r"Counting.scale=tensor\(.*cannot be stored"):
         ema.state_dict()
 

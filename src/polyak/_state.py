@@ -149,9 +149,16 @@ def _settings_fields(rule: Any) -> list[str]:
     return [f.name for f in dataclasses.fields(rule) if f.init]
 
 
+def _is_schedules(value: Any) -> bool:
+    """Whether a setting is a sequence of schedules (one per slot, e.g. ``Exponentials``)."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(callable(v) for v in value)
+
+
 def _encode_setting(rule: Any, field: str, value: Any) -> Any:
     if callable(value):
         return schedules.to_state(value)
+    if _is_schedules(value):
+        return [schedules.to_state(v) for v in value]
     if _is_plain(value):
         return list(value) if isinstance(value, tuple) else value
     raise TypeError(
@@ -325,19 +332,22 @@ def _check_rule(
             continue
         current = getattr(rule, field)
         if callable(current):  # a schedule, stored as schedules.to_state data
-            if not isinstance(value, Mapping):
+            decoded = _decode_schedule(field, value, current, problems)
+            if decoded is None:
+                continue
+        elif _is_schedules(current):  # one schedule per slot
+            if not isinstance(value, (list, tuple)) or len(value) != len(current):
                 problems.append(
-                    f"rule setting {field}: expected a schedule as data ({{'name': ...}}), "
-                    f"got {value!r}"
+                    f"rule setting {field}: expected {len(current)} schedules as data, one per "
+                    f"slot, got {value!r}"
                 )
                 continue
-            try:
-                decoded = schedules.from_state(value)
-            except (TypeError, ValueError) as error:
-                problems.append(f"rule setting {field}: schedule {dict(value)!r}: {error}")
+            each = [
+                _decode_schedule(field, v, c, problems) for v, c in zip(value, current, strict=True)
+            ]
+            if any(d is None for d in each):
                 continue
-            if decoded is None:  # a user callable, not stored: this EMA's stays
-                continue
+            decoded = tuple(each)
         elif _is_plain(value):
             decoded = tuple(value) if isinstance(current, tuple) else value
         else:
@@ -374,6 +384,22 @@ def _check_rule(
         except (TypeError, ValueError) as error:
             problems.append(f"rule state: {error}")
     return new_rule, state, changed if settings == "checkpoint" else []
+
+
+def _decode_schedule(field: str, value: Any, current: Any, problems: list[str]) -> Any:
+    """A schedule stored as data, rebuilt; ``current`` where it was a user callable (not stored);
+    ``None`` (and a problem noted) where the data is malformed."""
+    if not isinstance(value, Mapping):
+        problems.append(
+            f"rule setting {field}: expected a schedule as data ({{'name': ...}}), got {value!r}"
+        )
+        return None
+    try:
+        decoded = schedules.from_state(value)
+    except (TypeError, ValueError) as error:
+        problems.append(f"rule setting {field}: schedule {dict(value)!r}: {error}")
+        return None
+    return current if decoded is None else decoded  # a user callable: this EMA's stays
 
 
 def parse(

@@ -102,6 +102,13 @@ class ShadowStore:
             return self._copies[name]
         return self._shadows[self._slot(slot)].get(name)
 
+    def shadow(self, name: str, slot: str | None = None) -> torch.Tensor:
+        """:meth:`get` for a tracked ``name`` (a ``KeyError`` for an unknown one)."""
+        found = self.get(name, slot)
+        if found is None:
+            raise KeyError(f"{name!r} is not tracked.")
+        return found
+
     def names(self) -> list[str]:
         """Every tracked name, averaged first, then copied (the kernels' order)."""
         return self.averaged + self.copied

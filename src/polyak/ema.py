@@ -21,6 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from polyak import _kernels, _placement, _state, schedules
 from polyak._kernels._engine import Policy
+from polyak._store import ShadowStore, local
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import DeviceOps, Exponential, Rule
 from polyak.averagers._ops import place_state
@@ -31,7 +32,6 @@ __all__ = ["EMA", "LoadedSettingsWarning"]
 
 FORMAT = _state.FORMAT
 BUFFER_POLICIES = ("average", "copy", "none")
-_LOW_PRECISION = (torch.bfloat16, torch.float16)
 # averaging updates after which update() asks the BatchNorm monitor whether statistics went stale
 # (then every 1000th); counted in averaging updates so that update_every=k cannot skip them
 _BN_CHECKS = frozenset({1, 10, 100})
@@ -55,7 +55,7 @@ def _as_schedule(decay: DecayLike) -> Callable[[int], Any]:
 
 
 def _checked_rule(rule: Rule, decay: DecayLike) -> Rule:
-    """``rule`` if it is a one-slot :class:`~polyak.averagers.Rule` given without ``decay``."""
+    """``rule`` if it is a :class:`~polyak.averagers.Rule` given without ``decay``."""
     if decay is not _DEFAULT_DECAY:
         raise ValueError(
             f"decay={decay!r} and rule={rule!r} cannot be given together: the rule sets the "
@@ -66,13 +66,6 @@ def _checked_rule(rule: Rule, decay: DecayLike) -> Rule:
             f"rule must be a polyak.averagers.Rule (slots, weights, advance, state_dict, "
             f"load_state_dict, map_state, read), got {rule!r} of type {type(rule).__name__}; e.g. "
             f"rule=polyak.averagers.Uniform()."
-        )
-    if len(rule.slots) != 1:
-        raise NotImplementedError(
-            f"rule={rule!r} keeps {len(rule.slots)} averages (slots {rule.slots!r}), but "
-            f"polyak.EMA keeps one average per tensor for now (several slots need the shadow "
-            f"store keyed by (slot, name), issue 14). Use a one-slot rule such as "
-            f"polyak.averagers.Exponential or polyak.averagers.Uniform, or one EMA per average."
         )
     return rule
 
@@ -305,27 +298,24 @@ class EMA:
                     f"of its own, or leave capturable=False."
                 )
 
-        # name -> live tensor (the Parameter/buffer object itself, so .data swaps are seen)
-        self._live: dict[str, torch.Tensor] = {}
-        self._shadows: dict[str, torch.Tensor] = {}
-        self._averaged: list[str] = []
-        self._copied: list[str] = []
-        for name, tensor, kind in named:
-            self._live[name] = tensor
-            (self._averaged if kind == "average" else self._copied).append(name)
-            shadow = tensor.detach().to(dtype=self._shadow_dtype(tensor, kind), copy=True)
-            self._shadows[name] = self._placed(shadow, tensor)
-        if not self._shadows:
+        # name -> live tensor (the Parameter/buffer object itself, so .data swaps are seen), in
+        # model order; the shadows of every slot the rule keeps, by the store's dtype policy
+        self._live: dict[str, torch.Tensor] = {name: tensor for name, tensor, _ in named}
+        self._store = ShadowStore(
+            named, _state.rule_slots(self.rule), shadow_dtype=shadow_dtype, offload=offload
+        )
+        self._averaged, self._copied = self._store.averaged, self._store.copied
+        if not self._live:
             raise ValueError(
                 "EMA found no tensor to track: the model has no trainable floating parameters "
                 "(or include= rejected them all). Check requires_grad and the include predicate."
             )
         if rounding == "stochastic":
-            wrong = [n for n in self._averaged if self._shadows[n].dtype != torch.bfloat16]
+            wrong = [n for n in self._averaged if self._store.shadow(n).dtype != torch.bfloat16]
             if wrong:
                 raise ValueError(
                     f"rounding='stochastic' needs bf16 shadows, but {wrong[:5]} have "
-                    f"{dtype_name(self._shadows[wrong[0]].dtype)} shadows; pass "
+                    f"{dtype_name(self._store.shadow(wrong[0]).dtype)} shadows; pass "
                     f"shadow_dtype=torch.bfloat16."
                 )
         self._kernel_request = kernel
@@ -349,24 +339,9 @@ class EMA:
 
     # ------------------------------------------------------------------ tracking
 
-    def _shadow_dtype(self, tensor: torch.Tensor, kind: str) -> torch.dtype:
-        """The dtype policy: copied tensors keep theirs; averaged ones take ``shadow_dtype``, or
-        their own, with fp32 for bf16/fp16."""
-        if kind != "average":
-            return tensor.dtype
-        if self.shadow_dtype is not None:
-            return self.shadow_dtype
-        return torch.float32 if tensor.dtype in _LOW_PRECISION else tensor.dtype
-
-    def _placed(self, shadow: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-        """``shadow`` where it lives: beside its tensor, or in (pinned) host memory if offloaded."""
-        if self.offload == "cpu":
-            return shadow.cpu().pin_memory() if tensor.is_cuda else shadow.cpu()
-        return shadow
-
     def _choose_kernel(self) -> str:
         """The kernel asked for, checked, or ``auto``'s pick for the shadows where they are now."""
-        shadows, sources = self._kernel_lists(self._averaged)
+        shadows, sources = self._store.slot_lists()[0], self._sources(self._averaged)
         return _kernels.choose(
             self._kernel_request,
             shadows,
@@ -375,14 +350,12 @@ class EMA:
             sources=sources,
         )
 
-    def _kernel_lists(self, names: list[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The shadows and live tensors of ``names`` as the kernels take them: DTensors (FSDP2)
-        as their local shards, which is all a rank updates (an elementwise lerp needs no
-        communication) and which every kernel, compiled ones included, handles as plain tensors."""
-        return (
-            [_placement.local(self._shadows[n]) for n in names],
-            [_placement.local(self._live[n]) for n in names],
-        )
+    def _sources(self, names: list[str]) -> list[torch.Tensor]:
+        """The live tensors of ``names`` as the kernels take them: DTensors (FSDP2) as their local
+        shards, which is all a rank updates (an elementwise lerp needs no communication) and which
+        every kernel, compiled ones included, handles as plain tensors (the store hands the
+        shadows over the same way)."""
+        return [local(self._live[n]) for n in names]
 
     def _plan(self, watch: bool = True) -> None:
         """Build the engine (kernel plans and execution policy), the watch over the model's
@@ -399,8 +372,8 @@ class EMA:
         self._engine = _kernels.Engine(
             _kernels.builder(self.kernel, rounding=self.rounding, seed=self.seed),
             _kernels.builder("foreach" if self.kernel in ("fused", "triton") else self.kernel),
-            self._kernel_lists(self._averaged),
-            self._kernel_lists(self._copied),
+            (self._store.slot_lists(), self._sources(self._averaged)),
+            (self._store.copy_list(), self._sources(self._copied)),
             policy,
         )
         if counter is not None:
@@ -456,7 +429,7 @@ class EMA:
         changes = self._watch.changes(self.model, self._live)
         reshaped, moved = [], []
         for name, (tensor, what) in changes.items():
-            if tensor is None or tensor.shape != self._shadows[name].shape:
+            if tensor is None or tensor.shape != self._store.shadow(name).shape:
                 reshaped.append(f"{name} {what}")
             elif tensor.device not in (self._watch.planned[name][2], device):
                 moved.append((f"{name} {what}", str(tensor.device)))
@@ -493,11 +466,7 @@ class EMA:
             return
         for name, (tensor, _) in changes.items():
             self._live[name] = tensor
-            shadow = self._shadows[name]
-            kind = "average" if name in self._averaged else "copy"
-            dtype = self._shadow_dtype(tensor, kind)
-            if shadow.dtype != dtype:  # keep the object: average(name) callers hold it
-                shadow.data = self._placed(shadow.data.to(dtype), tensor)
+            self._store.recast(name, tensor)  # keeps the objects: average(name) callers hold them
         self._engine.wait()
         self._plan()
 
@@ -578,10 +547,10 @@ class EMA:
         self._step += 1
         if self._step % self.update_every:
             return
-        (weight,) = self.rule.weights(self._step - self.update_every + 1, self._step)
+        weights = self.rule.weights(self._step - self.update_every + 1, self._step)
         with torch.no_grad():
             try:
-                self._engine.run(weight)
+                self._engine.run(weights)
             except RuntimeError as error:
                 changes = self._watch.changes(self.model, self._live)
                 if changes:  # changed in place where the cheap check did not look
@@ -634,14 +603,49 @@ class EMA:
 
     # ------------------------------------------------------------------ reading averages
 
-    def average(self, name: str) -> torch.Tensor | None:
-        """The shadow tensor itself for ``name`` (``None`` if the name is not tracked)."""
+    @property
+    def slots(self) -> tuple[str, ...]:
+        """The names of the averages kept of every tracked tensor: the rule's slots (``("ema",)``
+        for an exponential average; one per decay for :class:`polyak.averagers.Exponentials`)."""
+        return self._store.slots
+
+    def average(self, name: str, slot: str | None = None) -> torch.Tensor | None:
+        """The average of ``name`` (``None`` if the name is not tracked).
+
+        ``slot=None``: the rule's reading of its slots (:meth:`polyak.averagers.Rule.read`): for
+        a rule that reads one slot (Exponential, Uniform; a multi-slot rule's first by default)
+        the shadow tensor itself, which later updates change in place. ``slot="name"``: that
+        slot's shadow itself. Copied tensors have one shadow, shared by every slot.
+        """
+        self._check_slot(slot)
+        if name not in self._live:
+            return None
         self._engine.wait()
-        return self._shadows.get(name)
+        return self._value(name, slot)
 
     def names(self) -> list[str]:
-        """The tracked names, averaged then copied, in model order."""
-        return list(self._shadows)
+        """The tracked names, in model order."""
+        return list(self._live)
+
+    def _check_slot(self, slot: str | None) -> None:
+        if slot is not None and slot not in self._store.slots:
+            raise ValueError(
+                f"slot={slot!r} is not an average this EMA keeps; its rule {self.rule!r} keeps "
+                f"the slots {list(self._store.slots)}. Pass one of them, or slot=None for the "
+                f"rule's reading of its slots."
+            )
+
+    def _value(self, name: str, slot: str | None = None) -> torch.Tensor:
+        """What the averages of ``name`` put into a model: ``slot``'s shadow, or the rule's
+        reading of every slot (the first slot's shadow itself unless the rule reads otherwise)."""
+        if slot is not None or name in self._copied:
+            return self._store.shadow(name, slot)
+        averages = [self._store.shadow(name, s) for s in self._store.slots]
+        return self.rule.read(averages, self._live[name])
+
+    def _values(self, slot: str | None = None) -> dict[str, torch.Tensor]:
+        """name -> :meth:`_value` for every tracked name, in model order."""
+        return {name: self._value(name, slot) for name in self._live}
 
     def _targets(self, model: nn.Module | None) -> dict[str, torch.Tensor]:
         """The tensors of ``model`` (default: the tracked one) matched by name to the shadows."""
@@ -651,11 +655,12 @@ class EMA:
         model = unwrap(model)
         available = dict(model.named_parameters(remove_duplicate=False))
         available.update(model.named_buffers(remove_duplicate=False))
-        missing = [n for n in self._shadows if n not in available]
+        shapes = {n: self._store.shadow(n).shape for n in self._live}
+        missing = [n for n in shapes if n not in available]
         wrong = [
-            f"{n}: model {tuple(available[n].shape)} vs average {tuple(s.shape)}"
-            for n, s in self._shadows.items()
-            if n in available and available[n].shape != s.shape
+            f"{n}: model {tuple(available[n].shape)} vs average {tuple(shape)}"
+            for n, shape in shapes.items()
+            if n in available and available[n].shape != shape
         ]
         if missing or wrong:
             raise ValueError(
@@ -668,7 +673,7 @@ class EMA:
                 + (f"shape mismatches {wrong[:10]}; " if wrong else "")
                 + "pass the model the EMA tracks, or one with the same architecture."
             )
-        return {n: available[n] for n in self._shadows}
+        return {n: available[n] for n in shapes}
 
     # ------------------------------------------------------------------ swapping
 
@@ -697,12 +702,13 @@ class EMA:
         self._swap_target = self._swap_model = None
         self._state = None
 
-    def _swap_in(self, model: nn.Module | None) -> None:
+    def _swap_in(self, model: nn.Module | None, slot: str | None) -> None:
+        self._check_slot(slot)
         targets = self._enter(model)
         self._engine.wait()
         # zero-copy for plain tensors of the shadows' dtype (they view the shadows); cast copies
         # for others; FSDP2 shards get the averages copied in, their own kept aside
-        _placement.put([(targets[n], s) for n, s in self._shadows.items()], self._backup)
+        _placement.put([(targets[n], v) for n, v in self._values(slot).items()], self._backup)
         self._swap_target = targets
         self._state = "swapped"
         self._step_guard = register_optimizer_step_pre_hook(
@@ -715,8 +721,13 @@ class EMA:
         self._step_guard = None
 
     @contextlib.contextmanager
-    def swapped(self, model: nn.Module | None = None) -> Iterator[nn.Module | None]:
+    def swapped(
+        self, model: nn.Module | None = None, *, slot: str | None = None
+    ) -> Iterator[nn.Module | None]:
         """Inside the block the model holds the averaged weights; on exit its own come back.
+
+        ``slot`` picks one of the averages a multi-slot rule keeps (:attr:`slots`); by default
+        the rule's reading (:meth:`average`).
 
         Zero-copy when dtypes match (the model's tensors point at the shadows' storage and back: the
         restore is bit for bit because nothing is copied); otherwise the averages are cast into new
@@ -728,19 +739,20 @@ class EMA:
         """
         self._check_idle("enter ema.swapped()")
         self._warn_if_statistics_stale()
-        self._swap_in(model)
+        self._swap_in(model, slot)
         try:
             yield model if model is not None else self.model
         finally:
             self._swap_out()
 
-    def use_averages(self) -> None:
-        """Put the averages into the model (zero-copy swap); a no-op if they are already there."""
+    def use_averages(self, slot: str | None = None) -> None:
+        """Put the averages into the model (zero-copy swap); a no-op if they are already there.
+        ``slot``: as in :meth:`swapped`."""
         if self._state == "swapped":
             return
         self._check_idle("use_averages()")
         self._warn_if_statistics_stale()
-        self._swap_in(None)
+        self._swap_in(None, slot)
 
     def _warn_if_statistics_stale(self) -> None:
         """With ``buffers="none"`` the averages run with the live BatchNorm statistics: say so
@@ -788,13 +800,15 @@ class EMA:
             return
         self._check_idle("store()")
         targets = self._enter(model)
-        _placement.save([targets[n] for n in self._shadows], self._backup)
+        _placement.save(list(targets.values()), self._backup)
         self._swap_target = targets
         self._state = "stored"
 
-    def copy_to(self, model: nn.Module | None = None) -> None:
+    def copy_to(self, model: nn.Module | None = None, *, slot: str | None = None) -> None:
         """Write the averages into the model's tensors in place (cast to their dtypes; FSDP2
-        parameters: into each local shard, after resharding so the next forward gathers them)."""
+        parameters: into each local shard, after resharding so the next forward gathers them).
+        ``slot``: as in :meth:`swapped`."""
+        self._check_slot(slot)
         if self._state == "swapped":
             raise RuntimeError(
                 "copy_to() inside swapped()/use_averages() would write the averages onto "
@@ -808,7 +822,7 @@ class EMA:
             targets = self._targets(model)
         assert targets is not None
         self._engine.wait()
-        _placement.write([(targets[n], s) for n, s in self._shadows.items()])
+        _placement.write([(targets[n], v) for n, v in self._values(slot).items()])
 
     def restore(self) -> None:
         """Copy the weights backed up by :meth:`store` back into the model."""
@@ -829,12 +843,15 @@ class EMA:
             )
         return self.model
 
-    def _averaged_tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def _averaged_tensors(
+        self, dtype: torch.dtype | None = None, slot: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """name -> average cast to the live tensor's dtype and device (``dtype`` overrides floats)."""
+        self._check_slot(slot)
         self._ensure_current()
         self._engine.wait()
         out = {}
-        for name, shadow in self._shadows.items():
+        for name, shadow in self._values(slot).items():
             live = self._live[name]
             target = dtype if (dtype is not None and live.is_floating_point()) else live.dtype
             out[name] = shadow.to(live.device, target)
@@ -856,8 +873,10 @@ class EMA:
             model, tensors, args, kwargs, tie_weights=True, strict=False
         )
 
-    def averaged_module(self) -> nn.Module:
-        """A standalone copy of the model holding the averages, in eval mode."""
+    def averaged_module(self, *, slot: str | None = None) -> nn.Module:
+        """A standalone copy of the model holding the averages (``slot``: as in :meth:`swapped`),
+        in eval mode."""
+        self._check_slot(slot)
         model = self._require_model("averaged_module()")
         clone = copy.deepcopy(model)
         clone.__dict__.pop("train", None)  # never bound to this EMA's mode switch
@@ -865,19 +884,21 @@ class EMA:
         tensors.update(clone.named_buffers(remove_duplicate=False))
         self._engine.wait()
         with torch.no_grad():
-            for name, shadow in self._shadows.items():
-                tensors[name].copy_(shadow)
+            for name, value in self._values(slot).items():
+                tensors[name].copy_(value)
         return clone.eval()
 
-    def export_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    def export_state_dict(
+        self, dtype: torch.dtype | None = None, *, slot: str | None = None
+    ) -> dict[str, torch.Tensor]:
         """The model's full state dict with the averages in place of the tracked tensors.
 
         Keys are exactly ``model.state_dict()``'s (tied weights under every name, sharing one
         tensor); untracked and frozen tensors come from the live model. Floating tensors are cast
-        to ``dtype`` if given, else to the model's own dtypes.
+        to ``dtype`` if given, else to the model's own dtypes. ``slot``: as in :meth:`swapped`.
         """
         model = self._require_model("export")
-        averaged = self._averaged_tensors(dtype)
+        averaged = self._averaged_tensors(dtype, slot)
         by_id = {id(self._live[n]): t for n, t in averaged.items()}
         out: dict[str, torch.Tensor] = {}
         casts: dict[int, torch.Tensor] = {}
@@ -891,7 +912,13 @@ class EMA:
                 out[key] = tensor.detach()
         return out
 
-    def save(self, path: str | os.PathLike[str], dtype: torch.dtype | None = None) -> None:
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        dtype: torch.dtype | None = None,
+        *,
+        slot: str | None = None,
+    ) -> None:
         """Write the averaged weights as safetensors, loadable into a plain model.
 
         The file holds the model's full key set (untracked tensors from the live model) in the
@@ -900,12 +927,12 @@ class EMA:
         ``polyak.io.load_averaged(model, path)`` or ``safetensors.torch.load_model(model, path)``
         re-ties them. For a model without tied weights
         ``model.load_state_dict(safetensors.torch.load_file(path), strict=True)`` works as is.
-        Written atomically (temp file, fsync, rename).
+        Written atomically (temp file, fsync, rename). ``slot``: as in :meth:`swapped`.
         """
         if self.model is None:  # the tracked tensors' names, dtypes as for a model
-            tensors = {n: t.detach() for n, t in self._averaged_tensors(dtype).items()}
+            tensors = {n: t.detach() for n, t in self._averaged_tensors(dtype, slot).items()}
         else:
-            tensors = self.export_state_dict(dtype)
+            tensors = self.export_state_dict(dtype, slot=slot)
         save_safetensors(
             tensors, path, metadata={"polyak.step": str(self.step), "polyak.format": FORMAT}
         )
@@ -924,8 +951,11 @@ class EMA:
         :mod:`polyak._state`.
         """
         self._engine.wait()
-        shadows = self._slot_shadows()
-        copies = {n: self._shadows[n].detach() for n in self._copied}
+        shadows = {
+            slot: {n: self._store.shadow(n, slot).detach() for n in self._averaged}
+            for slot in self._store.slots
+        }
+        copies = {n: self._store.shadow(n).detach() for n in self._copied}
         state = {
             "format": _state.FORMAT,
             "version": _state.VERSION,
@@ -936,17 +966,12 @@ class EMA:
             "rule": _state.encode_rule(self.rule),
             "shadows": shadows,
             "copies": copies,
-            "shadow_dtypes": {n: dtype_name(s.dtype) for n, s in self._shadows.items()},
+            "shadow_dtypes": {n: dtype_name(self._store.shadow(n).dtype) for n in self._live},
         }
         counter = self._rng_counter()
         if counter is not None:
             state["rng_counter"] = int(counter.item())
         return state
-
-    def _slot_shadows(self) -> dict[str, dict[str, torch.Tensor]]:
-        """slot -> (name -> shadow) for the averaged names: one slot, named by the rule."""
-        (slot,) = _state.rule_slots(self.rule)
-        return {slot: {n: self._shadows[n].detach() for n in self._averaged}}
 
     def load_state_dict(
         self,
@@ -969,8 +994,8 @@ class EMA:
         self._check_idle("load a state dict")  # the shadows may be the model's weights right now
         layout = _state.Layout(
             rule=self.rule,
-            averaged={n: self._shadows[n] for n in self._averaged},
-            copied={n: self._shadows[n] for n in self._copied},
+            averaged={n: self._store.shadow(n) for n in self._averaged},
+            copied={n: self._store.shadow(n) for n in self._copied},
             buffers=self.buffers,
             update_every=self.update_every,
         )
@@ -986,12 +1011,11 @@ class EMA:
             )
         self._engine.wait()
         with torch.no_grad():
-            # one slot (the rule's only one, checked by parse) until the (slot, name) store
-            for tensors in plan.shadows.values():
+            for slot, tensors in plan.shadows.items():  # every slot of the rule, checked by parse
                 for name, tensor in tensors.items():
-                    self._shadows[name].copy_(tensor)
+                    self._store.shadow(name, slot).copy_(tensor)
             for name, tensor in plan.copies.items():
-                self._shadows[name].copy_(tensor)
+                self._store.shadow(name).copy_(tensor)
         self.step = plan.step
         self.num_averages = plan.num_averages
         if plan.update_every is not None:
@@ -1024,12 +1048,7 @@ class EMA:
             target = torch.device("cuda", torch.cuda.current_device())
         changes = self._changes_to_follow(target)  # the model moved first
         self._engine.wait()
-        for name, shadow in self._shadows.items():
-            moved = shadow.data.to(device)
-            if torch._has_compatible_shallow_copy_type(shadow, moved):
-                shadow.data = moved  # keep the object: average(name) callers hold it
-            else:  # e.g. to or from "meta": a new tensor type
-                self._shadows[name] = moved
+        self._store.to(device)  # keeps the objects where it can: average(name) callers hold them
         if self.capturable:
             self._step_t = self._step_t.to(device)
             self._num_t = self._num_t.to(device)
@@ -1072,14 +1091,16 @@ class EMA:
 
     def __repr__(self) -> str:
         n_avg, n_copy = len(self._averaged), len(self._copied)
-        elements = sum(self._shadows[n].numel() for n in self._averaged)
-        dtypes = sorted({dtype_name(self._shadows[n].dtype) for n in self._averaged})
+        shadows = [self._store.shadow(n) for n in self._averaged]
+        elements = sum(s.numel() for s in shadows)
+        dtypes = sorted({dtype_name(s.dtype) for s in shadows})
         schedule = self.schedule
         setting = f"decay={schedule!r}" if schedule is not None else f"rule={self.rule!r}"
         return (
             f"EMA({setting}, step={self.step}, averaged={n_avg} tensors "
             f"({elements:,} elements, shadows {'/'.join(dtypes) or '-'}), copied={n_copy}, "
-            f"buffers={self.buffers!r}, update_every={self.update_every}, kernel={self.kernel!r}"
+            + (f"slots={list(self.slots)}, " if len(self.slots) > 1 else "")
+            + f"buffers={self.buffers!r}, update_every={self.update_every}, kernel={self.kernel!r}"
             + (f", rounding={self.rounding!r}" if self.rounding != "nearest" else "")
             + (f", stream={self.stream!r}" if self.stream else "")
             + (f", offload={self.offload!r}" if self.offload else "")

@@ -8,11 +8,12 @@ writes its formulas once over an ``ops`` argument, which the EMA evaluates with 
 
 - :class:`Exponential`: ``w = 1 - prod(decay(n))`` over the covered steps (what ``polyak.EMA(model,
   decay)`` uses).
+- :class:`Exponentials`: several exponential averages (one slot per decay) in one pass.
 - :class:`Uniform`: ``w = 1 / (count + 1)``, the running mean of SWA.
 """
 
 from polyak.averagers._ops import HOST, DeviceOps, HostOps, Ops
-from polyak.averagers._rule import Exponential, Rule
+from polyak.averagers._rule import Exponential, Exponentials, Rule
 from polyak.averagers._uniform import Uniform
 
-__all__ = ["HOST", "DeviceOps", "Exponential", "HostOps", "Ops", "Rule", "Uniform"]
+__all__ = ["HOST", "DeviceOps", "Exponential", "Exponentials", "HostOps", "Ops", "Rule", "Uniform"]
