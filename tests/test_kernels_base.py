@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from polyak import _kernels
-from polyak._kernels._base import DeviceState, as_slots, as_weights, slot_offsets
+from polyak._kernels._base import SlotState, as_slots, as_weights, slot_offsets
 
 KERNELS = ["reference", "foreach"]
 
@@ -42,18 +42,18 @@ def test_slot_offsets_shift_each_slot_by_one_slots_elements():
     assert slot_offsets([[]]) == [[]]
 
 
-def test_device_state_keeps_one_weight_per_slot_and_the_one_slot_form():
+def test_slot_state_keeps_one_weight_per_slot():
     cpu = torch.device("cpu")
-    state = DeviceState({cpu}, seed=4, slots=3)
+    state = SlotState({cpu}, slots=3, seed=4)
     given = torch.tensor(0.75, dtype=torch.float64)
-    state.fill_slots([0.5, given, 0.25])
-    assert [float(w) for w in state.slot_weights[cpu]] == [0.5, 0.0, 0.25]
-    assert state.slot_weight([0.5, given, 0.25], 1, cpu) is given
-    assert state.slot_weight([0.5, given, 0.25], 2, cpu) is state.slot_weights[cpu][2]
-    assert state.weights[cpu] is state.slot_weights[cpu][0]  # the one-slot names still work
-    state.fill(0.125)
-    assert float(state.weight(0.125, cpu)) == 0.125 == float(state.slot_weights[cpu][0])
-    assert int(state.seeds[cpu]) == 4
+    state.fill([0.5, given, 0.25])
+    assert state.weights[cpu].tolist() == [0.5, 0.0, 0.25]  # one vector, the slots its views
+    tensors = state.slot_tensors([0.5, given, 0.25], cpu)
+    assert tensors[1] is given and tensors[2] is state.slot_weights[cpu][2]
+    # a device weight given for two slots goes into the second slot's view (distinct inputs)
+    twice = state.slot_tensors([given, given, 0.25], cpu)
+    assert twice[0] is given and twice[1] is state.slot_weights[cpu][1] and float(twice[1]) == 0.75
+    assert int(state.seeds[cpu]) == 4 and not bool(state.never[cpu])
     state.advance()
     assert int(state.counters[cpu]) == 1
 

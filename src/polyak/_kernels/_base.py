@@ -254,57 +254,7 @@ def require_bf16_shadows(shadows: Sequence[torch.Tensor]) -> None:
             )
 
 
-class DeviceState:
-    """Per device, the 0-dim tensors an update reads on the device instead of from the host.
-
-    ``slot_weights``: per slot, ``w_k = 1 - decay_k`` (fp64), filled from Python floats by
-    :meth:`fill_slots`, so a new decay never recompiles or synchronises; ``weights`` is slot 0's
-    (the one-slot form, :meth:`fill` and :meth:`weight`); ``seeds`` and ``counters`` (int64): the
-    stochastic stream's seed and update counter, advanced by :meth:`advance` (captured, it
-    advances at every replay).
-    """
-
-    def __init__(self, devices: set[torch.device], seed: int = 0, slots: int = 1) -> None:
-        self.slot_weights = {
-            d: [torch.zeros((), dtype=torch.float64, device=d) for _ in range(slots)]
-            for d in devices
-        }
-        self.weights = {d: ws[0] for d, ws in self.slot_weights.items()}
-        self.seeds = {d: torch.tensor(seed, dtype=torch.int64, device=d) for d in devices}
-        self.counters = {d: torch.zeros((), dtype=torch.int64, device=d) for d in devices}
-
-    def fill_slots(self, weights: Sequence[Weight]) -> None:
-        """Write each Python-float weight into its slot's tensor on every device (tensors: as is)."""
-        for k, weight in enumerate(weights):
-            if not isinstance(weight, torch.Tensor):
-                for ws in self.slot_weights.values():
-                    ws[k].fill_(weight)
-
-    def slot_weight(
-        self, weights: Sequence[Weight], slot: int, device: torch.device
-    ) -> torch.Tensor:
-        """Slot ``slot``'s weight as a tensor on ``device``: the caller's, or the filled one."""
-        weight = weights[slot]
-        return weight if isinstance(weight, torch.Tensor) else self.slot_weights[device][slot]
-
-    def fill(self, weight: float | torch.Tensor) -> None:
-        """Write a Python-float weight into every device's weight tensor (a tensor is used as is)."""
-        if not isinstance(weight, torch.Tensor):
-            for w in self.weights.values():
-                w.fill_(weight)
-
-    def weight(self, weight: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-        """The weight as a tensor on ``device``: the caller's, or the one :meth:`fill` wrote."""
-        return weight if isinstance(weight, torch.Tensor) else self.weights[device]
-
-    def advance(self) -> None:
-        for counter in self.counters.values():
-            counter.add_(1)
-
-
-# ------------------------------------------------ N slots, as the compiled kernels (fused, triton) take them
-# (SlotState keeps the N weights as one vector where DeviceState keeps one tensor per slot; written
-# by two hands at once, still to be made one)
+# ------------------------------------------------ N slots, and the device state every kernel reads
 
 Slots = list[list[torch.Tensor]]
 GroupKey = tuple[torch.device, torch.dtype, torch.dtype]
@@ -324,7 +274,8 @@ def group_slots(slots: Slots, sources: Sequence[torch.Tensor]) -> list[tuple[Gro
 
 
 class SlotState:
-    """Per device, the tensors an N-slot update reads on the device instead of from the host.
+    """Per device, the tensors an N-slot update reads on the device instead of from the host
+    (every kernel that reads weights, a gate or a random stream there keeps one).
 
     ``weights[d]``: the N per-slot weights ``w_k = 1 - decay_k`` as one fp64 vector, and
     ``slot_weights[d]`` its N 0-dim views, filled from Python floats by :meth:`fill` (a new decay
@@ -368,3 +319,51 @@ class SlotState:
     def advance(self) -> None:
         for counter in self.counters.values():
             counter.add_(1)
+
+
+class SlotKernel:
+    """What the kernels that plan per group (fused, triton) share: the slots checked against the
+    sources, the device state, and the start of every ``lerp_``.
+
+    A subclass calls :meth:`_take_slots` first in its ``__init__``, then :meth:`_keep_state` with
+    the devices its groups run on, and implements :meth:`_run`.
+    """
+
+    slots: Slots
+    sources: list[torch.Tensor]
+    stochastic: bool
+    state: SlotState
+
+    def _take_slots(
+        self,
+        slots: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
+        sources: Sequence[torch.Tensor],
+        stochastic: bool,
+    ) -> Slots:
+        """Check and keep ``slots`` (one list of shadows, or N) and ``sources``."""
+        self.slots = as_slots(slots)
+        check_slots(self.slots, sources)
+        if stochastic:
+            require_bf16_shadows(self.slots[0])
+        self.sources = list(sources)
+        self.stochastic = stochastic
+        return self.slots
+
+    def _keep_state(self, devices: set[torch.device], seed: int) -> None:
+        self.state = SlotState(devices, len(self.slots), seed)
+
+    def lerp_(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
+        """Every slot ``k``: :math:`s_k \\leftarrow \\mathrm{lerp}(s_k, p, w_k)`, unless ``gate``.
+
+        ``weights``: one float or 0-dim tensor per slot (one alone for one slot). ``gate``: None,
+        or a 0-dim bool tensor on the shadows' device; True leaves every shadow as it was.
+        """
+        weights = as_weights(weights, len(self.slots))
+        if gate is not None:
+            for device in self.state.counters:
+                check_gate(gate, device)
+        self.state.fill(weights)
+        self._run(weights, gate)
+
+    def _run(self, weights: list[Weight], gate: torch.Tensor | None) -> None:
+        raise NotImplementedError

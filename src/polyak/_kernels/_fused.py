@@ -34,16 +34,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from polyak._kernels._base import (
-    SlotState,
-    as_slots,
-    as_weights,
-    check_gate,
-    check_slots,
-    group_slots,
-    lerp_in_compute_dtype,
-    require_bf16_shadows,
-)
+from polyak._kernels._base import SlotKernel, group_slots, lerp_in_compute_dtype
 from polyak._kernels._stochastic import keyed_stochastic_lerp, stream_key, stream_offsets
 
 
@@ -124,7 +115,7 @@ def _compile(fn: Callable[..., None], **options: bool) -> Callable[..., None]:
     return torch.compile(private, fullgraph=True, dynamic=False, options=options or None)
 
 
-class FusedUpdate:
+class FusedUpdate(SlotKernel):
     """Compiled per-group updates of N slots; optionally stochastic rounding into bf16 shadows.
 
     ``slots[k][i]`` is slot ``k``'s shadow of ``sources[i]`` (a plain list of shadows is one slot).
@@ -138,9 +129,7 @@ class FusedUpdate:
         stochastic: bool = False,
         seed: int = 0,
     ) -> None:
-        self.slots = as_slots(slots)
-        check_slots(self.slots, sources)
-        self.sources = list(sources)
+        self._take_slots(slots, sources, stochastic)
         grouped = group_slots(self.slots, sources)
         # per group: its key, its tensors in every slot, its sources
         self.groups = [
@@ -148,10 +137,8 @@ class FusedUpdate:
             for key, index in grouped
         ]
         devices = {device for (device, _, _), _, _ in self.groups}
-        self.state = SlotState(devices, len(self.slots), seed)
-        self.stochastic = stochastic
+        self._keep_state(devices, seed)
         if stochastic:
-            require_bf16_shadows(self.slots[0])
             self.keys = {d: torch.zeros((), dtype=torch.int32, device=d) for d in devices}
             # each slot draws its own stretch of the random stream (see stream_offsets)
             starts = [stream_offsets(self.slots[0], k) for k in range(len(self.slots))]
@@ -166,21 +153,7 @@ class FusedUpdate:
         self._lerp_gated = _compile(lerp_group, emulate_precision_casts=True)
         self._copy = copy_group
 
-    def lerp_(
-        self,
-        weights: float | torch.Tensor | Sequence[float | torch.Tensor],
-        gate: torch.Tensor | None = None,
-    ) -> None:
-        """Every slot ``k``: :math:`s_k \\leftarrow \\mathrm{lerp}(s_k, p, w_k)`, unless ``gate``.
-
-        ``weights``: one float or 0-dim tensor per slot (one alone for one slot). ``gate``: None,
-        or a 0-dim bool tensor on the shadows' device; True leaves every shadow as it was.
-        """
-        weights = as_weights(weights, len(self.slots))
-        if gate is not None:
-            for device in self.state.counters:
-                check_gate(gate, device)
-        self.state.fill(weights)
+    def _run(self, weights: list[float | torch.Tensor], gate: torch.Tensor | None) -> None:
         if self.stochastic:  # one key per update and device, shared by all its groups and slots
             for device, key in self.keys.items():
                 self._advance(self.state.seeds[device], self.state.counters[device], key)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from polyak._kernels._base import (
-    DeviceState,
+    SlotState,
     Weight,
     Weights,
     as_weights,
@@ -55,7 +55,7 @@ class ReferenceUpdate:
         if stochastic:
             # the stream's state lives beside the shadows: a captured update advances it on the
             # device at every replay, and no update copies it from the host
-            self.state = DeviceState({s.device for s in slots[0]}, seed, len(slots))
+            self.state = SlotState({s.device for s in slots[0]}, len(slots), seed)
             self.offsets = slot_offsets(slots)
 
     def lerp_(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
@@ -63,7 +63,7 @@ class ReferenceUpdate:
         check_gate(gate)
         if self.stochastic:
             self.state.advance()
-            self.state.fill_slots(weights)
+            self.state.fill(weights)
         for k, shadows in enumerate(self.slots):
             for i, (shadow, source) in enumerate(zip(shadows, self.sources, strict=True)):
                 if gate is None:
@@ -84,7 +84,7 @@ class ReferenceUpdate:
             stochastic_lerp_(
                 shadow,
                 source,
-                self.state.slot_weight(weights, k, device),
+                self.state.slot_tensors(weights, device)[k],
                 self.state.seeds[device],
                 self.state.counters[device],
                 self.offsets[k][i],

@@ -50,15 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from polyak._kernels._base import (
-    SlotState,
-    as_slots,
-    as_weights,
-    check_gate,
-    check_slots,
-    group_slots,
-    require_bf16_shadows,
-)
+from polyak._kernels._base import SlotKernel, group_slots
 from polyak._kernels._stochastic import stream_offsets
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps, four 128-bit fp32 loads
@@ -322,7 +314,7 @@ class _Group:
         self.planned = now
 
 
-class TritonUpdate:
+class TritonUpdate(SlotKernel):
     """One Triton launch per (device, dtype) group for all N slots; optionally stochastic rounding.
 
     ``slots[k][i]`` is slot ``k``'s shadow of ``sources[i]`` (a plain list of shadows is one slot).
@@ -336,14 +328,8 @@ class TritonUpdate:
         stochastic: bool = False,
         seed: int = 0,
     ) -> None:
-        self.slots = as_slots(slots)
-        check_slots(self.slots, sources)
-        for shadows in self.slots:
+        for shadows in self._take_slots(slots, sources, stochastic):
             check_applicable(shadows, sources)
-        if stochastic:
-            require_bf16_shadows(self.slots[0])
-        self.stochastic = stochastic
-        self.sources = list(sources)
         starts = [stream_offsets(self.slots[0], k) for k in range(len(self.slots))]
         self.groups: list[_Group] = []
         for (_, shadow_dtype, _), index in group_slots(self.slots, sources):
@@ -356,24 +342,9 @@ class TritonUpdate:
                     [[start[i] for i in index] for start in starts],
                 )
             )
-        devices = {g.device for g in self.groups}
-        self.state = SlotState(devices, len(self.slots), seed)
+        self._keep_state({g.device for g in self.groups}, seed)
 
-    def lerp_(
-        self,
-        weights: float | torch.Tensor | Sequence[float | torch.Tensor],
-        gate: torch.Tensor | None = None,
-    ) -> None:
-        """Every slot ``k``: :math:`s_k \\leftarrow \\mathrm{lerp}(s_k, p, w_k)`, unless ``gate``.
-
-        ``weights``: one float or 0-dim tensor per slot (one alone for one slot). ``gate``: None,
-        or a 0-dim bool tensor on the shadows' device; True leaves every shadow as it was.
-        """
-        weights = as_weights(weights, len(self.slots))
-        if gate is not None:
-            for group in self.groups:
-                check_gate(gate, group.device)
-        self.state.fill(weights)
+    def _run(self, weights: list[float | torch.Tensor], gate: torch.Tensor | None) -> None:
         if self.stochastic:  # once per update, gated or not
             self.state.advance()
         for group in self.groups:
