@@ -8,9 +8,12 @@ summary (printed only at the end) would have lost.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
+import torch
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -26,3 +29,30 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         )
         if report.failed:
             log.write(report.longreprtext[-6000:] + "\n\n")
+
+
+# what reads a tensor's value on the host: on CUDA each of these waits for the device
+HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy")
+
+
+@pytest.fixture
+def no_host_reads():
+    """A context manager: inside it, reading any tensor's value on the host fails the test.
+
+    The update paths that must never synchronise (capturable weights, gates, the BatchNorm
+    monitor) are checked on the CPU this way; on CUDA, ``torch.cuda.set_sync_debug_mode`` checks
+    the same. Raises ``pytest.fail``'s exception, which no ``except Exception`` can swallow.
+    """
+
+    @contextlib.contextmanager
+    def forbid() -> Iterator[None]:
+        with pytest.MonkeyPatch.context() as patch:
+            for name in HOST_READS:
+                patch.setattr(
+                    torch.Tensor,
+                    name,
+                    lambda *a, _n=name, **k: pytest.fail(f"a tensor was read on the host: {_n}"),
+                )
+            yield
+
+    return forbid
