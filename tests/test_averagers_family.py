@@ -132,6 +132,10 @@ def test_bema_weights_by_hand():
     assert late.weights(11, 11) == (1 / 5, 0.0)  # t = 1: 1 / (2 + 3)
     assert late.weights(13, 13) == (1 / 11, 0.0)  # t = 3
     assert BEMA().alpha() == 1.0  # before any update the read is the weights
+    # rho = 0 (allowed with gamma >= 1): beta_t = t ** -kappa, and the burn-in stays finite
+    zero = BEMA(rho=0.0, gamma=1.0, kappa=1.0, eta=1.0, update_after=3)
+    assert zero.alpha() == 1.0 and zero.weights(3, 3) == (1.0, 1.0)
+    assert zero.weights(5, 5) == (1 / 2, 0.0)  # t = 2
 
 
 def test_bema_read_is_ema_plus_alpha_times_the_drift():
@@ -295,6 +299,7 @@ EXACT_RULES = {
     "lawa1": lambda: LAWA(1),
     "uniform_start": lambda: Uniform(start=13),
     "bema_kappa1": lambda: BEMA(kappa=1.0, eta=1.0, update_after=9),  # x ** -1: 1 / x, exact
+    "bema_rho0": lambda: BEMA(kappa=1.0, eta=1.0, rho=0.0, gamma=1.0, update_after=5),
 }
 
 
