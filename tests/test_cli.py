@@ -84,7 +84,7 @@ def test_parse_schedule_reads_ints_as_ints() -> None:
     [
         (
             "cosine:decay=0.9",
-            "unknown schedule 'cosine' in --schedule 'cosine:decay=0.9'; valid names: constant, ",
+            "unknown schedule 'cosine' in --schedule 'cosine:decay=0.9'; valid names: anytime_half_life, constant, ",
         ),
         ("power:sigma=0.1", "power has no argument 'sigma'; valid keys: gamma, sigma_rel."),
         ("power:sigma_rel", "'sigma_rel' is not key=value; write e.g. power:gamma=0.999."),

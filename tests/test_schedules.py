@@ -157,6 +157,9 @@ def test_scaled_around_a_user_callable_round_trips_as_a_callable():
         schedules.half_life(steps=10),
         schedules.power(gamma=6.94),
         schedules.scaled(schedules.tf_warmup(0.99), kappa=3),
+        schedules.delayed(schedules.tf_warmup(0.99), after=10),
+        schedules.delayed(0.999, after=3),
+        schedules.anytime_half_life(0.1),
     ],
     ids=lambda s: type(s).__name__,
 )
@@ -178,6 +181,9 @@ def test_tensor_step_matches_int_step(schedule):
         schedules.power(sigma_rel=0.1),
         schedules.scaled(schedules.power(gamma=2.0), kappa=3),
         schedules.scaled(0.99, kappa=2),
+        schedules.delayed(schedules.power(gamma=2.0), after=100),
+        schedules.delayed(0.99, after=0),
+        schedules.anytime_half_life(0.25),
     ],
     ids=lambda s: type(s).__name__,
 )
@@ -210,6 +216,23 @@ def test_user_callable_state():
             ValueError,
             "min_decay must not exceed max_decay",
         ),
+        (
+            lambda: schedules.delayed(0.9, after=-1),
+            ValueError,
+            r"after must be an int >= 0 \(the steps before averaging starts\), got after=-1",
+        ),
+        (
+            lambda: schedules.delayed(0.9, after=2.5),
+            ValueError,
+            r"got after=2.5; e.g. delayed\(0.999",
+        ),
+        (
+            lambda: schedules.delayed(1.5, after=2),
+            ValueError,
+            r"base must be in \[0, 1\], got base=1.5",
+        ),
+        (lambda: schedules.anytime_half_life(0), ValueError, "fraction must be a positive number"),
+        (lambda: schedules.anytime_half_life(-0.1), ValueError, "got fraction=-0.1"),
     ],
 )
 def test_bad_arguments(make, error, match):
@@ -225,7 +248,9 @@ def test_huge_steps():
 
 def test_parse_and_factories():
     assert sorted(schedules.factories()) == [
+        "anytime_half_life",
         "constant",
+        "delayed",
         "half_life",
         "inverse_gamma",
         "power",
@@ -233,5 +258,70 @@ def test_parse_and_factories():
         "tf_warmup",
     ]
     assert schedules.parse("power:sigma_rel=0.1") == schedules.power(sigma_rel=0.1)
-    with pytest.raises(ValueError, match="valid names: constant, half_life"):
+    assert schedules.parse("delayed:base=0.999,after=100") == schedules.delayed(0.999, after=100)
+    assert schedules.parse("anytime_half_life:fraction=0.1") == schedules.anytime_half_life(0.1)
+    with pytest.raises(
+        ValueError, match="valid names: anytime_half_life, constant, delayed, half_life"
+    ):
         schedules.parse("cosine")
+
+
+def test_delayed_copies_for_the_first_after_steps_then_restarts_the_base():
+    """d(n) = 0 for n <= N (the shadows copy the weights), then d_base(n - N)."""
+    f = schedules.delayed(schedules.tf_warmup(0.99), after=5)
+    assert [f(n) for n in range(0, 6)] == [0.0] * 6
+    assert f(6) == 2 / 11 and f(13) == 0.5  # TF's (1 + m) / (10 + m) at m = 1 and m = 8
+    g = schedules.delayed(0.75, after=2)
+    assert [g(n) for n in (1, 2, 3, 10**9)] == [0.0, 0.0, 0.75, 0.75]
+    assert schedules.delayed(0.75, after=0)(1) == 0.75  # no delay: the base itself
+    seen = []
+    h = schedules.delayed(lambda m: seen.append(m) or 0.5, after=3)
+    assert [h(n) for n in (1, 4, 9)] == [0.0, 0.5, 0.5]
+    assert seen == [1, 1, 6]  # the base never sees a step below 1
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_delayed_ema_is_an_ema_built_after_the_delay(every):
+    """ema-pytorch's update_after_step: with delayed(base, after=N) the average after step N is
+    the weights θ_N, and from then on it is, bit for bit, the base EMA built at step N."""
+    from polyak import _kernels
+    from polyak.averagers import Exponential
+
+    gen = torch.Generator().manual_seed(3)
+    theta = [torch.randn(6, generator=gen, dtype=torch.float64) for _ in range(61)]
+    after = 12
+
+    def run(rule, path):
+        shadow, source = path[0].clone(), path[0].clone()
+        update = _kernels.build("reference", [shadow], [source])
+        for n in range(1, len(path)):
+            source.copy_(path[n])
+            if n % every == 0:
+                update.lerp_(list(rule.weights(n - every + 1, n)))
+        return shadow
+
+    base = schedules.power(gamma=3.0)
+    delayed = run(Exponential(schedules.delayed(base, after=after)), theta)
+    assert torch.equal(
+        run(Exponential(schedules.delayed(base, after=after)), theta[: after + 1]), theta[after]
+    )
+    assert torch.equal(delayed, run(Exponential(base), theta[after:]))
+    assert not torch.equal(delayed, run(Exponential(base), theta))
+
+
+@given(n=st.integers(1, 10**9), f=st.floats(1e-3, 10))
+def test_anytime_half_life_is_a_fraction_of_the_steps_so_far(n, f):
+    """d(n) ** (f n) = 1/2 (the half-life is f n steps), and the decay grows with n; raising d to
+    the power f n multiplies its rounding error (an ulp) by f n."""
+    d = schedules.anytime_half_life(f)(n)
+    assert d ** (f * n) == pytest.approx(0.5, rel=1e-12 + 4 * f * n * 2.0**-53)
+    assert d <= schedules.anytime_half_life(f)(n + 1)
+
+
+def test_anytime_half_life_by_hand():
+    f = schedules.anytime_half_life(0.1)
+    assert f(10) == 0.5  # half-life 1 step
+    assert f(20) == pytest.approx(math.sqrt(0.5), rel=1e-15)  # half-life 2 steps
+    assert f(0) == f(1) == pytest.approx(2.0**-10, rel=1e-15)  # steps below 1 count as 1
+    assert f(10**4) ** 1000 == pytest.approx(0.5, rel=1e-12)
+    assert schedules.anytime_half_life(1.0)(7) == pytest.approx(0.5 ** (1 / 7), rel=1e-15)

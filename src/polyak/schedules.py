@@ -32,14 +32,18 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 __all__ = [
+    "AnytimeHalfLife",
     "Constant",
+    "Delayed",
     "HalfLife",
     "InverseGamma",
     "Power",
     "Scaled",
     "Schedule",
     "TFWarmup",
+    "anytime_half_life",
     "constant",
+    "delayed",
     "factories",
     "from_state",
     "gamma_to_sigma_rel",
@@ -248,6 +252,64 @@ class Scaled(Schedule):
         return base**self.kappa
 
 
+@dataclasses.dataclass(frozen=True)
+class Delayed(Schedule):
+    r"""A start delay: decay 0 for the first ``after`` steps, then ``base`` restarted from step 1.
+
+    .. math:: d(n) = 0 \text{ for } n \le N, \qquad d(n) = d_{base}(n - N) \text{ for } n > N,
+
+    with :math:`N` = ``after`` and :math:`n` the step (:attr:`polyak.EMA.step`, the first update is
+    step 1). With decay 0 the shadows copy the weights, so after step :math:`N` the average is
+    :math:`\theta_N` and from then on it is the ``base`` average of an EMA built after step
+    :math:`N` (a warm-up such as :func:`tf_warmup` or :func:`power` starts over at step
+    :math:`N + 1`). This is the ``update_after_step`` of ema-pytorch and of Lightning's EMA
+    callbacks: averaging the first, fast-moving steps only lags the average behind. ``base`` is a
+    float or another schedule; ``after=0`` is ``base`` itself.
+    """
+
+    name: ClassVar[str] = "delayed"
+    base: float | Callable[[Step], Any]
+    after: int
+
+    def __post_init__(self) -> None:
+        if not callable(self.base):
+            _check_decay(self.base, "base")
+        if isinstance(self.after, bool) or not isinstance(self.after, int) or self.after < 0:
+            raise ValueError(
+                f"after must be an int >= 0 (the steps before averaging starts), got "
+                f"after={self.after!r}; e.g. delayed(0.999, after=1000)."
+            )
+
+    def __call__(self, step: Step) -> Any:
+        since = step - self.after  # steps since the delay: 1 at the first averaged step
+        base = self.base(_at_least_one(since)) if callable(self.base) else self.base
+        return base * _clamp(since, 0, 1)  # times 0 up to the delay, 1 after (in step's dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnytimeHalfLife(Schedule):
+    r"""A half-life that grows with training, a fraction :math:`f` of the steps so far:
+    :math:`d(n) = 2^{-1 / (f n)}`, so that :math:`d(n)^{f n} = 1/2`.
+
+    Meterez, Nair, Morwani, Pehlevan & Kakade 2026, "Anytime Pretraining: Horizon-Free
+    Learning-Rate Schedules with Weight Averaging" (arXiv 2602.03702): an EMA whose half-life is a
+    fixed fraction of the current step needs no training horizon, and with a constant or
+    :math:`1/\sqrt{t}` learning rate matches a tuned cosine schedule at every point of training.
+    At step :math:`n` the average weighs the last :math:`f n` steps by half of its weight (``f=0.1``
+    at step 10,000: a half-life of 1,000 steps). Steps below 1 are treated as 1 (the first update
+    has half-life ``f`` steps: with ``f < 1`` the average nearly starts at the weights).
+    """
+
+    name: ClassVar[str] = "anytime_half_life"
+    fraction: float
+
+    def __post_init__(self) -> None:
+        _check_positive(self.fraction, "fraction")
+
+    def __call__(self, step: Step) -> Any:
+        return 0.5 ** (1.0 / (self.fraction * _at_least_one(step)))
+
+
 def constant(decay: float) -> Constant:
     """A constant decay ``d`` (see :class:`Constant`)."""
     return Constant(decay)
@@ -308,6 +370,18 @@ def power(gamma: float | None = None, *, sigma_rel: float | None = None) -> Powe
 def scaled(base: float | Callable[[Step], Any], kappa: float) -> Scaled:
     """``base ** kappa`` (``base`` a float or a schedule), the batch-size scaling rule."""
     return Scaled(base, kappa)
+
+
+def delayed(base: float | Callable[[Step], Any], after: int) -> Delayed:
+    """Decay 0 (copy the weights) for the first ``after`` steps, then ``base`` from its step 1
+    (ema-pytorch's ``update_after_step``; see :class:`Delayed`)."""
+    return Delayed(base, after)
+
+
+def anytime_half_life(fraction: float) -> AnytimeHalfLife:
+    """``0.5 ** (1 / (fraction * n))``: a half-life of ``fraction`` times the steps so far
+    (Meterez et al. 2026; see :class:`AnytimeHalfLife`)."""
+    return AnytimeHalfLife(fraction)
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:

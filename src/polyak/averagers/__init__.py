@@ -9,11 +9,28 @@ writes its formulas once over an ``ops`` argument, which the EMA evaluates with 
 - :class:`Exponential`: ``w = 1 - prod(decay(n))`` over the covered steps (what ``polyak.EMA(model,
   decay)`` uses).
 - :class:`Exponentials`: several exponential averages (one slot per decay) in one pass.
-- :class:`Uniform`: ``w = 1 / (count + 1)``, the running mean of SWA.
+- :class:`Uniform`: ``w = 1 / (count + 1)``, the running mean of SWA (from a ``start`` step).
+- :class:`BEMA`: an EMA with weight ``(rho + gamma t) ** -kappa`` read with the bias correction
+  ``+ alpha_t (θ - θ_0)`` (Block & Zhang 2025); slots ``ema`` and ``theta0``.
+- :class:`LAWA`: the mean of the latest ``k`` checkpoints, one per averaging update, in ``k``
+  ring slots (Kaddour 2022; Sanyal et al. 2023).
 """
 
+from polyak.averagers._bema import BEMA
+from polyak.averagers._lawa import LAWA
 from polyak.averagers._ops import HOST, DeviceOps, HostOps, Ops
 from polyak.averagers._rule import Exponential, Exponentials, Rule
 from polyak.averagers._uniform import Uniform
 
-__all__ = ["HOST", "DeviceOps", "Exponential", "Exponentials", "HostOps", "Ops", "Rule", "Uniform"]
+__all__ = [
+    "BEMA",
+    "HOST",
+    "LAWA",
+    "DeviceOps",
+    "Exponential",
+    "Exponentials",
+    "HostOps",
+    "Ops",
+    "Rule",
+    "Uniform",
+]
