@@ -601,3 +601,73 @@ def test_lawa_reads_the_mean_of_the_latest_checkpoints_property(k, every, update
         assert float(reads[last][0]) == pytest.approx(sum(window) / len(window), rel=1e-14)
     assert rule.weights(1, 1) == tuple(float(j == updates % k) for j in range(k))
     assert HOST.real(rule.count) == updates
+
+
+# ------------------------------------------------------------------ multi-slot rules through polyak.EMA
+
+
+def weights_seen(model, steps, every, make_ema, seed=1):
+    """Train ``steps`` SGD steps with an EMA built by ``make_ema(model)``; return the EMA and the
+    float64 weights after each step (index 0: at construction), name -> list."""
+    ema = make_ema(model)
+    seen = [{n: p.detach().double().clone() for n, p in model.named_parameters()}]
+
+    def hook():
+        ema.update()
+        seen.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        loss = model(torch.randn(8, 5, generator=gen, dtype=torch.float64)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hook()
+    theta = [[s[n] for n in ema.names()] for s in seen]
+    return ema, theta
+
+
+@pytest.mark.parametrize(("every", "update_after"), [(1, 0), (1, 5), (3, 7)])
+def test_ema_with_bema_reads_the_papers_average(every, update_after):
+    """polyak.EMA(model, rule=BEMA(...)) in float64: average(name), swapped() and exports give
+    Block & Zhang's μ̂ (bema_reference), and the model's own weights come back bit for bit."""
+    model = mlp().double()
+    ema, theta = weights_seen(
+        model, 20, every,
+        lambda m: polyak.EMA(m, rule=BEMA(update_after=update_after), update_every=every),
+    )  # fmt: skip
+    expected = bema_reference(theta, every, tau=update_after)[20]
+    names = ema.names()
+    assert ema.slots == ("ema", "theta0")
+    got = [ema.average(n) for n in names]
+    assert_close(got, expected, rel=1e-12)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with ema.swapped():
+        assert_close([dict(model.named_parameters())[n].detach() for n in names], expected, 1e-12)
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+    exported = ema.export_state_dict()
+    assert_close([exported[n] for n in names], expected, rel=1e-12)
+    # the slots themselves: the EMA, and θ0 kept as the weights at the burn-in's last update
+    last_burn = (update_after // every) * every
+    assert all(
+        torch.equal(ema.average(n, slot="theta0"), theta[last_burn][i]) for i, n in enumerate(names)
+    )
+
+
+@pytest.mark.parametrize(("k", "every"), [(3, 1), (4, 2)])
+def test_ema_with_lawa_reads_the_mean_of_the_latest_checkpoints(k, every):
+    model = mlp().double()
+    ema, theta = weights_seen(
+        model, 17, every, lambda m: polyak.EMA(m, rule=LAWA(k), update_every=every)
+    )
+    expected, _ = lawa_reference(theta, every, k)
+    assert ema.slots == tuple(f"lawa{j}" for j in range(k))
+    assert_close([ema.average(n) for n in ema.names()], expected[17], rel=1e-13)
+    with ema.swapped():
+        params = dict(model.named_parameters())
+        assert_close([params[n].detach() for n in ema.names()], expected[17], rel=1e-13)
+    state = ema.state_dict()
+    fresh = polyak.EMA(mlp().double(), rule=LAWA(k), update_every=every)
+    fresh.load_state_dict(state)
+    assert all(torch.equal(fresh.average(n), ema.average(n)) for n in ema.names())
