@@ -38,3 +38,28 @@ def test_tour_runs(tmp_path, monkeypatch):
     assert not torch.equal(model[0].weight, ema.average("0.weight"))  # own weights back
     assert (tmp_path / "model_ema.safetensors").exists() and (tmp_path / "ckpt.pt").exists()
     assert torch.load(tmp_path / "ckpt.pt", weights_only=True)["ema"]["step"] == 3
+
+
+def test_several_averages_block_runs():
+    import polyak
+    from polyak import averagers
+
+    (block,) = [b for b in python_blocks() if "averagers.Exponentials" in b]
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+
+    evaluated = []
+    model = Net()
+    namespace = {
+        "polyak": polyak,
+        "averagers": averagers,
+        "model": model,
+        "evaluate": lambda m: evaluated.append(m.fc.weight.detach().clone()),
+    }
+    exec(compile(block, str(README), "exec"), namespace)
+    ema = namespace["ema"]
+    assert ema.slots == ("fast", "slow")
+    assert torch.equal(evaluated[0], ema.average("fc.weight", slot="slow"))

