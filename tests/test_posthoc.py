@@ -399,7 +399,8 @@ def test_reconstruction_loads_into_a_plain_model(tmp_path):
 
 
 def _torch_cpu_peak_bytes(fn):
-    """Peak of the bytes held by torch's CPU allocator while ``fn`` runs, above the start.
+    """Peak of the bytes held by torch's CPU allocator while ``fn`` runs, above the start, and the
+    bytes still held at its end (what ``fn`` returned).
 
     The profiler with ``profile_memory=True`` records every allocation and free the c10 CPU
     allocator serves (size, signed, and time; also those inside ops and on other threads).
@@ -418,7 +419,7 @@ def _torch_cpu_peak_bytes(fn):
     for _, nbytes in records:
         live += nbytes
         peak = max(peak, live)
-    return peak, result
+    return peak, live, result
 
 
 def _python_peak_bytes(fn):
@@ -462,10 +463,12 @@ def test_reconstruct_memory_is_the_accumulators_and_one_file(wide_run, sigmas):
     Python objects. The m accumulators must be seen, or the measurement is broken."""
     directory, model = wide_run
     m = 1 if isinstance(sigmas, float) else len(sigmas)
-    torch_peak, result = _torch_cpu_peak_bytes(lambda: posthoc.reconstruct(directory, sigmas))
+    torch_peak, held, result = _torch_cpu_peak_bytes(lambda: posthoc.reconstruct(directory, sigmas))
     python_peak, _ = _python_peak_bytes(lambda: posthoc.reconstruct(directory, sigmas))
     assert torch_peak >= m * model  # the result itself: the measurement sees the accumulators
     assert torch_peak + python_peak <= (m + 2) * model
+    # the result is the m accumulators and the integer tensors: no view keeps a file's buffer
+    assert m * model <= held <= m * model + 1024
     del result
 
 
@@ -511,6 +514,8 @@ def test_reconstruct_bad_arguments(run):
         posthoc.reconstruct(directory, 0.1, time="epochs")
     with pytest.raises(ValueError, match="recorded no samples, so time='samples' cannot be used"):
         posthoc.reconstruct(directory, 0.1, time="samples")
+    with pytest.raises(ValueError, match=r"time must be one of .*got time='epochs'"):
+        posthoc.read_index(directory)[0].time("epochs")
 
 
 def test_empty_or_missing_directory(tmp_path):
@@ -554,6 +559,7 @@ def _set(path, value):
         (_set(["snapshots", 0, "step"], 100.0), r"entry 0 .*step must be an int >= 1"),
         (_set(["snapshots", 0, "gamma"], 0), r"entry 0 .*gamma must be a finite number > 0"),
         (_set(["snapshots", 0, "sigma_rel"], 0.2), "has sigma_rel=0.2 but gamma="),
+        (_set(["snapshots", 0, "sigma_rel"], "0.1"), "has sigma_rel='0.1' but gamma="),
         (_set(["snapshots", 0, "file"], "../x.safetensors"), "not a file name"),
         (_set(["snapshots", 1, "step"], 100), "collide"),
         (_set(["snapshots", 1, "samples"], 800), "samples must grow with the steps"),

@@ -278,6 +278,8 @@ class Snapshot:
 
     def time(self, time: str = "steps") -> int:
         """The snapshot's time on the axis ``time`` ("steps" or "samples")."""
+        if time not in _TIMES:
+            raise ValueError(f"time must be one of {_TIMES}, got time={time!r}.")
         value = self.step if time == "steps" else self.samples
         if value is None:
             raise ValueError(
@@ -461,10 +463,14 @@ def _read_entries(directory: Path) -> list[Snapshot]:
             )
         except (TypeError, ValueError) as error:
             raise _corrupt(path, f"entry {i} ({file}): {error}") from error
-        if not math.isclose(entry["sigma_rel"], snap.sigma_rel, rel_tol=1e-9):
+        sigma_rel = entry["sigma_rel"]
+        if not (
+            isinstance(sigma_rel, (int, float))
+            and math.isclose(sigma_rel, snap.sigma_rel, rel_tol=1e-9)
+        ):
             raise _corrupt(
                 path,
-                f"entry {i} ({file}) has sigma_rel={entry['sigma_rel']!r} but gamma="
+                f"entry {i} ({file}) has sigma_rel={sigma_rel!r} but gamma="
                 f"{snap.gamma!r}, which is sigma_rel={snap.sigma_rel!r}",
             )
         snaps.append(snap)
