@@ -58,6 +58,11 @@ def test_sigma_rel_outside_the_post_hoc_range_is_refused(sigma_rel):
         posthoc.sigma_rel_to_gamma(sigma_rel)
 
 
+def test_sigma_rel_just_below_the_top_gives_a_positive_gamma():
+    below = float(np.nextafter(posthoc.SIGMA_REL_MAX, 0))
+    assert 0 < posthoc.sigma_rel_to_gamma(below) < 1e-12
+
+
 @pytest.mark.parametrize("gamma", [0.0, -0.5, math.inf, math.nan])
 def test_gamma_outside_the_post_hoc_range_is_refused(gamma):
     with pytest.raises(ValueError, match=r"gamma must be a finite number > 0.*got gamma="):

@@ -143,10 +143,7 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     value = _check_real(sigma_rel, "sigma_rel")
     if not 0 < value < SIGMA_REL_MAX:
         raise _range_error(sigma_rel)
-    gamma = schedules.sigma_rel_to_gamma(value)
-    if not gamma > 0:  # sigma_rel within rounding of the top: gamma = 0 is not allowed
-        raise _range_error(sigma_rel)
-    return gamma
+    return schedules.sigma_rel_to_gamma(value)  # > 0 up to the float below the top (tested)
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
