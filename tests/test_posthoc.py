@@ -11,8 +11,10 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
 
-from polyak import io, posthoc
+import polyak
+from polyak import io, posthoc, schedules
 
 SIGMAS = (0.05, 0.10)  # the two tracked, as in EDM2
 GAMMAS = tuple(posthoc.sigma_rel_to_gamma(s) for s in SIGMAS)
@@ -665,3 +667,165 @@ def test_lazy_attribute_of_the_package():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+# ---------------------------------------------------------------------------- PowerEMA, the tracker
+
+
+def tiny_model(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.BatchNorm1d(5)).to(dtype)
+
+
+def train_with(tracker, model, steps, seed=1):
+    """SGD on a fixed random regression; ``tracker.update()`` after every step; returns the
+    float64 parameters after each step (index 0: before training)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    seen = [{n: p.detach().double().clone() for n, p in model.named_parameters()}]
+    for _ in range(steps):
+        x = torch.randn(16, 6, generator=gen).to(dtype)
+        loss = (model(x) - 1).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tracker.update()
+        seen.append({n: p.detach().double().clone() for n, p in model.named_parameters()})
+    return seen
+
+
+def test_power_ema_tracks_every_sigma_rel_in_one_ema(tmp_path):
+    model = tiny_model()
+    tracker = posthoc.PowerEMA(model, (0.05, 0.10), snapshot_every=25, snapshot_dir=tmp_path)
+    assert tracker.ema.slots == ("sigma_rel=0.05", "sigma_rel=0.1")
+    separate = [polyak.EMA(model, schedules.power(sigma_rel=s)) for s in (0.05, 0.10)]
+
+    class Both:
+        def update(self):
+            tracker.update()
+            for ema in separate:
+                ema.update()
+
+    train_with(Both(), model, 100)
+    for sigma_rel, ema in zip((0.05, 0.10), separate, strict=True):
+        for name in ema.names():
+            assert torch.equal(tracker.average(name, sigma_rel=sigma_rel), ema.average(name))
+    snaps = posthoc.read_index(tmp_path)
+    assert sorted({s.step for s in snaps}) == [25, 50, 75, 100]
+    assert {round(s.sigma_rel, 12) for s in snaps} == {0.05, 0.1}
+
+
+def test_a_tracked_sigma_rel_is_rebuilt_from_the_trackers_snapshots(tmp_path):
+    """Acceptance 3, end to end: snapshots written by PowerEMA during SGD on a model rebuild the
+    tracked average at the end (rel. error of the deviation from the start < 1e-3)."""
+    model = tiny_model()
+    start = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    with posthoc.PowerEMA(model, (0.05, 0.10), snapshot_every=20, snapshot_dir=tmp_path) as tracker:
+        train_with(tracker, model, 490)  # the last snapshot: at close(), step 490
+    assert max(s.step for s in posthoc.read_index(tmp_path)) == 490
+    rebuilt = posthoc.reconstruct(tmp_path, 0.10)
+    for name in start:
+        want = tracker.average(name, sigma_rel=0.10).double() - start[name]
+        got = rebuilt[name].double() - start[name]
+        assert (got - want).norm() <= 1e-3 * want.norm(), name
+
+
+def test_update_every_gives_edm2s_profile_not_a_call_count_one(tmp_path):
+    """Acceptance 4: with update_every=k the average at step n is the float64 power EMA with
+    beta = (1 - k/n)^(gamma+1) at n = k, 2k, ... (EDM2's Δt = k), which is what a direct
+    computation gives; beta = (1 - 1/n)^(gamma+1) from the call count n applied once every k
+    calls (ema-pytorch's PostHocEMA) is far from it."""
+    k, steps, sigma_rel = 4, 60, 0.10
+    gamma = posthoc.sigma_rel_to_gamma(sigma_rel)
+    model = tiny_model(torch.float64)
+    tracker = posthoc.PowerEMA(model, (sigma_rel,), update_every=k)
+    seen = train_with(tracker, model, steps)
+    moved = 0
+    for name in seen[0]:
+        direct, by_count = seen[0][name], seen[0][name]
+        for n in range(k, steps + 1, k):
+            beta = (1 - k / n) ** (gamma + 1)
+            direct = beta * direct + (1 - beta) * seen[n][name]
+            beta_count = (1 - 1 / n) ** (gamma + 1)  # from the call count, applied every k
+            by_count = beta_count * by_count + (1 - beta_count) * seen[n][name]
+        got = tracker.average(name)
+        torch.testing.assert_close(got, direct, rtol=1e-12, atol=1e-14)
+        if (seen[-1][name] - seen[0][name]).abs().max() > 1e-3:  # (BatchNorm makes 0.bias idle)
+            assert not torch.allclose(got, by_count, rtol=1e-6, atol=0), name
+            moved += 1
+    assert moved >= 2
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_gamma_zero_is_the_running_mean_of_the_iterates(dtype, tol):
+    """Acceptance 2: decay (1 - 1/n)^(0+1) makes the average the plain mean of θ_1..θ_n."""
+    model = tiny_model(dtype)
+    ema = polyak.EMA(model, schedules.power(gamma=0.0))
+    seen = train_with(ema, model, 50)
+    for name in seen[0]:
+        mean = torch.stack([s[name] for s in seen[1:]]).mean(0)
+        torch.testing.assert_close(ema.average(name).double(), mean, rtol=tol, atol=tol)
+
+
+def test_snapshots_record_the_averaging_step_samples_and_the_end(tmp_path):
+    model = tiny_model()
+    tracker = posthoc.PowerEMA(
+        model, (0.05,), snapshot_every=10, snapshot_dir=tmp_path, batch_size=32, update_every=3
+    )
+    train_with(tracker, model, 25)
+    assert [s.step for s in posthoc.read_index(tmp_path)] == [9, 18]  # the last averaging steps
+    tracker.close()
+    tracker.close()  # no new averaging update since: nothing written
+    snaps = posthoc.read_index(tmp_path)
+    assert [(s.step, s.samples) for s in snaps] == [(9, 288), (18, 576), (24, 768)]
+    last = load_file(snaps[-1].path)
+    for name in tracker.ema.names():
+        assert torch.equal(last[name], tracker.average(name).float())
+        assert last[name].dtype == (torch.int64 if "num_batches" in name else torch.float32)
+
+
+def test_a_with_block_snapshots_the_final_state_even_on_an_error(tmp_path):
+    model = tiny_model()
+    tracker = posthoc.PowerEMA(model, (0.05,), snapshot_dir=tmp_path)
+    with pytest.raises(RuntimeError, match="boom"), tracker:
+        train_with(tracker, model, 3)
+        raise RuntimeError("boom")
+    assert [s.step for s in posthoc.read_index(tmp_path)] == [3]
+
+
+def test_power_ema_reads_and_swaps_a_sigma_rel_and_resumes():
+    model = tiny_model()
+    tracker = posthoc.PowerEMA(model, (0.05, 0.10))
+    train_with(tracker, model, 5)
+    model.eval()
+    with tracker.swapped(sigma_rel=0.10):
+        assert torch.equal(model[0].weight, tracker.average("0.weight", sigma_rel=0.10))
+    assert not torch.equal(model[0].weight, tracker.average("0.weight", sigma_rel=0.10))
+    assert tracker.average("0.weight") is tracker.average("0.weight", sigma_rel=0.05)
+    with pytest.raises(ValueError, match=r"sigma_rel=0.2 is not tracked.*\[0.05, 0.1\]"):
+        tracker.average("0.weight", sigma_rel=0.2)
+    fresh = posthoc.PowerEMA(tiny_model(), (0.05, 0.10))
+    fresh.load_state_dict(tracker.state_dict())
+    assert fresh.step == 5
+    for name in tracker.ema.names():
+        assert torch.equal(
+            fresh.average(name, sigma_rel=0.10), tracker.average(name, sigma_rel=0.10)
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"sigma_rels": 0.05}, TypeError, r"sigma_rels must be a sequence of floats"),
+        ({"sigma_rels": (0.05, 0.05)}, ValueError, r"sigma_rels must be distinct"),
+        ({"sigma_rels": (0.3,)}, ValueError, r"sigma_rel"),
+        ({"snapshot_every": 10}, ValueError, r"snapshot_every needs snapshot_dir="),
+        ({"snapshot_every": 0, "snapshot_dir": "x"}, ValueError, r"snapshot_every must be an int >= 1"),
+    ],
+)
+def test_power_ema_refuses_bad_settings(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        posthoc.PowerEMA(tiny_model(), **kwargs)
+    with pytest.raises(ValueError, match="no snapshot_dir"):
+        posthoc.PowerEMA(tiny_model()).snapshot()

@@ -4,7 +4,8 @@ Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Model
 Sec. 3 and App. C (reference code: NVlabs/edm2 ``training/phema.py``). Which EMA length is best is
 only known after training; post-hoc EMA keeps a few power-function EMAs during training, stores
 snapshots of them, and afterwards rebuilds the EMA of any other length as a weighted sum of the
-snapshots. This module is the math and the files; it never touches a model or :class:`polyak.EMA`.
+snapshots. This module is the math, the files, and the tracker that writes them
+(:class:`PowerEMA`, one :class:`polyak.EMA` with a slot per tracked length).
 
 Power-function EMA
 ------------------
@@ -75,6 +76,7 @@ Examples:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -87,8 +89,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from polyak import schedules
+from polyak import averagers, schedules
+from polyak.ema import EMA
 from polyak.io import ALIASES_KEY, atomic_path, save_safetensors
 
 __all__ = [
@@ -96,6 +100,7 @@ __all__ = [
     "INDEX",
     "SIGMA_REL_MAX",
     "VERSION",
+    "PowerEMA",
     "Snapshot",
     "gamma_to_sigma_rel",
     "profile_inner",
@@ -674,3 +679,176 @@ def reconstruct(
         for alias, target in aliases.items():
             result[alias] = result[target]
     return results[0] if single else results
+
+
+# ---------------------------------------------------------------------------- the tracker
+
+
+def _slot_name(sigma_rel: float) -> str:
+    return f"sigma_rel={sigma_rel:g}"
+
+
+class PowerEMA:
+    r"""Power-function EMAs of one model, one per ``sigma_rel``, updated in one pass, with
+    snapshots for :func:`reconstruct` (EDM2, Karras et al. 2024, Sec. 3 and App. C).
+
+    One :class:`polyak.EMA` with one slot per ``sigma_rel``
+    (:class:`polyak.averagers.Exponentials` of :func:`polyak.schedules.power` decays): every
+    weight is read once per update for all of them. After ``n`` optimizer steps the average of
+    exponent :math:`\gamma` is
+
+    .. math:: \hat\theta_n = \beta_n \hat\theta_{n'} + (1 - \beta_n) \theta_n, \qquad
+              \beta_n = \left(1 - \frac{n - n'}{n}\right)^{\gamma + 1},
+
+    :math:`n'` the previous averaging update's step: with ``update_every=k`` the product of the
+    per-step decays :math:`(1 - 1/m)^{\gamma+1}` over the ``k`` steps covered telescopes to exactly
+    this, so the profile is EDM2's with :math:`\Delta t = k` (ema-pytorch's ``PostHocEMA``
+    computes :math:`\beta` from the call count while updating every ``k`` calls, a profile of the
+    wrong length). The first update copies the weights (:math:`\beta_1 = 0`).
+
+    ``snapshot_every`` (optimizer steps) writes every average to ``snapshot_dir`` as fp32
+    safetensors with step, samples, :math:`\gamma` and ``sigma_rel`` in their metadata and an
+    index (:func:`write_snapshot`); a snapshot records the step of the last averaging update, the
+    time its profile ends at. :meth:`close` (or leaving a ``with`` block, also on an error)
+    snapshots the final state. ``batch_size`` records samples seen (``step * batch_size``) for
+    ``reconstruct(..., time="samples")``. Other keyword arguments go to :class:`polyak.EMA`
+    (``buffers``, ``shadow_dtype``, ``kernel``, ...).
+
+    ``sigma_rel`` must lie in (0, sqrt(1/12)) (:math:`\gamma > 0`); EDM2 tracked 0.05 and 0.10.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable[tuple[str, torch.Tensor]],
+        sigma_rels: Sequence[float] = (0.05, 0.10),
+        *,
+        snapshot_every: int | None = None,
+        snapshot_dir: str | os.PathLike[str] | None = None,
+        batch_size: int | None = None,
+        update_every: int = 1,
+        **ema_kwargs: Any,
+    ) -> None:
+        if isinstance(sigma_rels, (str, bytes)) or not isinstance(sigma_rels, Sequence):
+            raise TypeError(
+                f"sigma_rels must be a sequence of floats, got {sigma_rels!r}; e.g. "
+                f"sigma_rels=(0.05, 0.10)."
+            )
+        gammas = tuple(sigma_rel_to_gamma(s) for s in sigma_rels)  # checks each
+        names = tuple(_slot_name(float(s)) for s in sigma_rels)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(
+                f"sigma_rels must be distinct values, at least one, got {list(sigma_rels)!r}."
+            )
+        if snapshot_every is not None:
+            _check_count(snapshot_every, "snapshot_every")
+            if snapshot_dir is None:
+                raise ValueError(
+                    "snapshot_every needs snapshot_dir=, the directory the snapshots go to."
+                )
+        self.batch_size = _check_count(batch_size, "batch_size", optional=True)
+        self.sigma_rels = tuple(float(s) for s in sigma_rels)
+        self.gammas = gammas
+        self.snapshot_every = snapshot_every
+        self.snapshot_dir = None if snapshot_dir is None else Path(snapshot_dir)
+        rule = averagers.Exponentials(tuple(schedules.Power(g) for g in gammas), names=names)
+        self.ema = EMA(model, rule=rule, update_every=update_every, **ema_kwargs)
+        self._snapshotted: int | None = None
+
+    # ------------------------------------------------------------------ training
+
+    def update(self) -> None:
+        """Call once per optimizer step: update every average; snapshot every ``snapshot_every``."""
+        self.ema.update()
+        if self.snapshot_every is not None and self.ema.step % self.snapshot_every == 0:
+            self.snapshot()
+
+    @property
+    def step(self) -> int:
+        """Calls of :meth:`update` (optimizer steps)."""
+        return self.ema.step
+
+    def _averaged_step(self) -> int:
+        """The step of the last averaging update: where the averages' profiles end."""
+        return self.ema.num_averages * self.ema.update_every
+
+    def snapshot(self) -> list[Path]:
+        """Write every average to ``snapshot_dir`` now (once per averaging update: a second call
+        before the next one writes nothing). Returns the files written."""
+        if self.snapshot_dir is None:
+            raise ValueError(
+                "this PowerEMA has no snapshot_dir; build it with snapshot_dir=... to write "
+                "snapshots."
+            )
+        step = self._averaged_step()
+        if step == 0 or step == self._snapshotted:
+            return []
+        samples = None if self.batch_size is None else step * self.batch_size
+        files = []
+        for slot, gamma in zip(self.ema.slots, self.gammas, strict=True):
+            if self.ema.model is not None:
+                tensors = self.ema.export_state_dict(torch.float32, slot=slot)
+            else:
+                tensors = {n: self.ema.average(n, slot=slot) for n in self.ema.names()}
+            files.append(
+                write_snapshot(self.snapshot_dir, tensors, step=step, gamma=gamma, samples=samples)
+            )
+        self._snapshotted = step
+        return files
+
+    def close(self) -> None:
+        """The end of training: snapshot the final state (if there is a ``snapshot_dir``)."""
+        if self.snapshot_dir is not None:
+            self.snapshot()
+
+    def __enter__(self) -> PowerEMA:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ reading
+
+    def _slot(self, sigma_rel: float | None) -> str | None:
+        if sigma_rel is None:
+            return None
+        for value, slot in zip(self.sigma_rels, self.ema.slots, strict=True):
+            if math.isclose(value, sigma_rel, rel_tol=0, abs_tol=1e-12):
+                return slot
+        raise ValueError(
+            f"sigma_rel={sigma_rel!r} is not tracked; this PowerEMA tracks {list(self.sigma_rels)}. "
+            f"Rebuild any other sigma_rel after training with polyak.posthoc.reconstruct."
+        )
+
+    def average(self, name: str, sigma_rel: float | None = None) -> torch.Tensor | None:
+        """The tracked average of ``name`` for ``sigma_rel`` (default: the first tracked)."""
+        return self.ema.average(name, slot=self._slot(sigma_rel))
+
+    def swapped(
+        self, model: nn.Module | None = None, *, sigma_rel: float | None = None
+    ) -> contextlib.AbstractContextManager[nn.Module | None]:
+        """``ema.swapped()`` with the average of ``sigma_rel`` (default: the first tracked)."""
+        return self.ema.swapped(model, slot=self._slot(sigma_rel))
+
+    def state_dict(self) -> dict[str, Any]:
+        """The EMA's state (every average, exactly resumable) and the last snapshot's step."""
+        return {"ema": self.ema.state_dict(), "snapshotted": self._snapshotted}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`."""
+        if not isinstance(state, Mapping) or set(state) != {"ema", "snapshotted"}:
+            raise ValueError(
+                f"PowerEMA.load_state_dict takes the output of PowerEMA.state_dict() (keys "
+                f"'ema', 'snapshotted'), got {type(state).__name__} "
+                f"{sorted(map(str, state)) if isinstance(state, Mapping) else ''}."
+            )
+        snapshotted = state["snapshotted"]
+        if snapshotted is not None:
+            _check_count(snapshotted, "snapshotted")
+        self.ema.load_state_dict(state["ema"])
+        self._snapshotted = snapshotted
+
+    def __repr__(self) -> str:
+        return (
+            f"PowerEMA(sigma_rels={list(self.sigma_rels)}, step={self.step}, "
+            f"snapshot_every={self.snapshot_every}, snapshot_dir={self.snapshot_dir})"
+        )
