@@ -11,17 +11,16 @@ import contextlib
 import copy
 import os
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from polyak import _kernels, _placement, _state, schedules
+from polyak import _kernels, _state, schedules
 from polyak._kernels._engine import Policy
 from polyak._store import ShadowStore, local
+from polyak._switch import ModeSwitch, Switch
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import DeviceOps, Exponential, Rule
 from polyak.averagers._ops import place_state
@@ -80,52 +79,6 @@ def _takes_device_steps(schedule: Callable[[int], Any]) -> bool:
 def _covered_offsets(update_every: int, device: torch.device) -> torch.Tensor:
     """``[k-1, ..., 1, 0]``: step ``n`` minus these are the k steps one averaging update covers."""
     return torch.arange(update_every - 1, -1, -1, device=device)
-
-
-class _ModeSwitch:
-    """Replaces ``model.train`` on one instance so that eval() swaps the averages in (bind_to_mode)."""
-
-    def __init__(self, ema: EMA, model: nn.Module) -> None:
-        self.ema = ema
-        self.model = model
-        self.original = model.train
-
-    def __call__(self, mode: bool = True) -> nn.Module:
-        result = self.original(mode)
-        if mode:
-            self.ema.use_trained()
-        else:
-            self.ema.use_averages()
-        return result
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # a copy or pickle of the model is not bound to this EMA: it gets the plain method back
-        return (getattr, (self.model, "train"))  # the class's method, bound to the copy
-
-    def remove(self) -> None:
-        """Unbind: ``model.train`` is the module's own method again."""
-        if self.model.__dict__.get("train") is self:
-            del self.model.__dict__["train"]
-
-
-def _refuse_step_into_averages(ref: weakref.ref[EMA]) -> Callable[..., None]:
-    """An optimizer pre-hook, live while averages are swapped in: a step on the model's tensors
-    would write into the shadows themselves (they share storage), so it is refused."""
-
-    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        ema = ref()
-        if ema is None or ema._state != "swapped" or ema._swap_target is None:
-            return
-        held = {id(t) for t in ema._swap_target.values()}
-        if any(id(p) in held for group in optimizer.param_groups for p in group["params"]):
-            raise RuntimeError(
-                "optimizer.step() while the model holds the EMA's averages (inside "
-                "ema.swapped(), after ema.use_averages(), or in model.eval() mode after "
-                "ema.bind_to_mode(model)): the step would write into the averages themselves. "
-                "Leave the block, call ema.use_trained(), or model.train() before stepping."
-            )
-
-    return hook
 
 
 class LoadedSettingsWarning(UserWarning):
@@ -329,13 +282,8 @@ class EMA:
         self._engine: Policy | None = None
         self._plan()
 
-        self._state: Literal["swapped", "stored"] | None = None
-        # while the averages are in a model: what its tensors held, the tensors, and the model
-        self._backup = _placement.Backup()
-        self._swap_target: dict[str, torch.Tensor] | None = None
-        self._swap_model: nn.Module | None = None
-        self._mode_switch: _ModeSwitch | None = None
-        self._step_guard: Any = None
+        # seed 001: whether the model holds its own weights or the averages, and the way back
+        self._switch = Switch(self.model)
 
     # ------------------------------------------------------------------ tracking
 
@@ -516,17 +464,7 @@ class EMA:
         construction. With ``capturable=True`` the rule's same formulas run on the device
         (:class:`polyak.averagers.DeviceOps`).
         """
-        if self._state is not None:
-            where = (
-                "inside ema.swapped() / use_averages()"
-                if self._state == "swapped"
-                else "between ema.store() and ema.restore()"
-            )
-            raise RuntimeError(
-                f"ema.update() called {where}: the model holds the averages, and updating would "
-                f"average the averages with themselves. Leave the block (or call ema.restore() / "
-                f"ema.use_trained(), or model.train() after bind_to_mode) before updating."
-            )
+        self._switch.check_update()
         self._ensure_current()
         if self.capturable:
             if not self._warm:
@@ -644,7 +582,9 @@ class EMA:
         return self.rule.read(averages, self._live[name])
 
     def _values(self, slot: str | None = None) -> dict[str, torch.Tensor]:
-        """name -> :meth:`_value` for every tracked name, in model order."""
+        """name -> :meth:`_value` for every tracked name, in model order, once no update is
+        still writing the shadows."""
+        self._engine.wait()
         return {name: self._value(name, slot) for name in self._live}
 
     def _targets(self, model: nn.Module | None) -> dict[str, torch.Tensor]:
@@ -675,50 +615,12 @@ class EMA:
             )
         return {n: available[n] for n in shapes}
 
-    # ------------------------------------------------------------------ swapping
-
-    def _check_idle(self, action: str) -> None:
-        if self._state is not None:
-            raise RuntimeError(
-                f"cannot {action}: the averages are already in the model "
-                f"({'swapped()/use_averages()' if self._state == 'swapped' else 'store()/copy_to()'}"
-                f"); nested use is not supported. Leave the first block (or call "
-                f"{'use_trained()' if self._state == 'swapped' else 'restore()'}) first."
-            )
-
-    def _enter(self, model: nn.Module | None) -> dict[str, torch.Tensor]:
-        """The tensors the averages go into (``_targets``), with FSDP2 modules resharded first
-        (:mod:`polyak._placement`): an unsharded root holds gathered copies, not its parameters."""
-        placed = unwrap(model) if model is not None else self.model
-        _placement.reshard(placed)
-        targets = self._targets(model)
-        self._swap_model = placed
-        return targets
-
-    def _leave(self) -> None:
-        """Back to idle: the model's own values are in it, and FSDP2 drops any gathered averages."""
-        _placement.take_back(self._backup)
-        _placement.reshard(self._swap_model)
-        self._swap_target = self._swap_model = None
-        self._state = None
+    # ------------------------------------------------------------------ swapping (polyak._switch)
 
     def _swap_in(self, model: nn.Module | None, slot: str | None) -> None:
+        self._warn_if_statistics_stale()
         self._check_slot(slot)
-        targets = self._enter(model)
-        self._engine.wait()
-        # zero-copy for plain tensors of the shadows' dtype (they view the shadows); cast copies
-        # for others; FSDP2 shards get the averages copied in, their own kept aside
-        _placement.put([(targets[n], v) for n, v in self._values(slot).items()], self._backup)
-        self._swap_target = targets
-        self._state = "swapped"
-        self._step_guard = register_optimizer_step_pre_hook(
-            _refuse_step_into_averages(weakref.ref(self))
-        )
-
-    def _swap_out(self) -> None:
-        self._leave()
-        self._step_guard.remove()
-        self._step_guard = None
+        self._switch.swap_in(model, lambda: self._targets(model), lambda: self._values(slot))
 
     @contextlib.contextmanager
     def swapped(
@@ -737,22 +639,19 @@ class EMA:
         come back also when the block raises. Do not train inside the block: it would write to the
         shadows.
         """
-        self._check_idle("enter ema.swapped()")
-        self._warn_if_statistics_stale()
+        self._switch.check_idle("enter ema.swapped()")
         self._swap_in(model, slot)
         try:
             yield model if model is not None else self.model
         finally:
-            self._swap_out()
+            self._switch.swap_out()
 
     def use_averages(self, slot: str | None = None) -> None:
         """Put the averages into the model (zero-copy swap); a no-op if they are already there.
         ``slot``: as in :meth:`swapped`."""
-        if self._state == "swapped":
-            return
-        self._check_idle("use_averages()")
-        self._warn_if_statistics_stale()
-        self._swap_in(None, slot)
+        if self._switch.state != "swapped":
+            self._switch.check_idle("use_averages()")
+            self._swap_in(None, slot)
 
     def _warn_if_statistics_stale(self) -> None:
         """With ``buffers="none"`` the averages run with the live BatchNorm statistics: say so
@@ -762,31 +661,15 @@ class EMA:
 
     def use_trained(self) -> None:
         """Put the trained weights back; a no-op if the model already holds them."""
-        if self._state == "swapped":
-            self._swap_out()
-        elif self._state == "stored":
-            self.restore()
+        self._switch.leave()
 
-    def bind_to_mode(self, model: nn.Module | None = None) -> _ModeSwitch:
+    def bind_to_mode(self, model: nn.Module | None = None) -> ModeSwitch:
         """After this, ``model.eval()`` swaps the averages in and ``model.train()`` swaps them out.
 
         The seed's ``is_training`` switch without a second graph. Returns a handle whose
         ``remove()`` unbinds. The current mode applies at once.
         """
-        target = unwrap(model) if model is not None else self.model
-        if target is None or target is not self.model:
-            raise ValueError(
-                "bind_to_mode needs the module this EMA tracks; build the EMA from the module "
-                "(polyak.EMA(model)) and pass that same module."
-            )
-        if self._mode_switch is not None:
-            return self._mode_switch
-        switch = _ModeSwitch(self, target)
-        target.__dict__["train"] = switch
-        self._mode_switch = switch
-        if not target.training:
-            self.use_averages()
-        return switch
+        return self._switch.bind(model, self.use_averages, self.use_trained)
 
     # ------------------------------------------------------------------ store / copy_to / restore
 
@@ -796,42 +679,18 @@ class EMA:
         A second ``store()`` before ``restore()`` keeps the first backup, so switching to the test
         weights twice can never overwrite the trained weights with the averages (seed 001).
         """
-        if self._state == "stored":
-            return
-        self._check_idle("store()")
-        targets = self._enter(model)
-        _placement.save(list(targets.values()), self._backup)
-        self._swap_target = targets
-        self._state = "stored"
+        self._switch.store(model, lambda: self._targets(model))
 
     def copy_to(self, model: nn.Module | None = None, *, slot: str | None = None) -> None:
         """Write the averages into the model's tensors in place (cast to their dtypes; FSDP2
         parameters: into each local shard, after resharding so the next forward gathers them).
         ``slot``: as in :meth:`swapped`."""
         self._check_slot(slot)
-        if self._state == "swapped":
-            raise RuntimeError(
-                "copy_to() inside swapped()/use_averages() would write the averages onto "
-                "themselves; call it outside the block."
-            )
-        if self._state == "stored" and model is None:
-            targets = self._swap_target
-            _placement.reshard(self._swap_model)
-        else:
-            _placement.reshard(unwrap(model) if model is not None else self.model)
-            targets = self._targets(model)
-        assert targets is not None
-        self._engine.wait()
-        _placement.write([(targets[n], v) for n, v in self._values(slot).items()])
+        self._switch.write(model, lambda: self._targets(model), lambda: self._values(slot))
 
     def restore(self) -> None:
         """Copy the weights backed up by :meth:`store` back into the model."""
-        if self._state != "stored":
-            raise RuntimeError(
-                "restore() without a backup: call ema.store() before ema.copy_to(), then "
-                "ema.restore() to get the trained weights back."
-            )
-        self._leave()
+        self._switch.restore()
 
     # ------------------------------------------------------------------ evaluation helpers
 
@@ -849,7 +708,6 @@ class EMA:
         """name -> average cast to the live tensor's dtype and device (``dtype`` overrides floats)."""
         self._check_slot(slot)
         self._ensure_current()
-        self._engine.wait()
         out = {}
         for name, shadow in self._values(slot).items():
             live = self._live[name]
@@ -882,7 +740,6 @@ class EMA:
         clone.__dict__.pop("train", None)  # never bound to this EMA's mode switch
         tensors = dict(clone.named_parameters(remove_duplicate=False))
         tensors.update(clone.named_buffers(remove_duplicate=False))
-        self._engine.wait()
         with torch.no_grad():
             for name, value in self._values(slot).items():
                 tensors[name].copy_(value)
@@ -991,7 +848,8 @@ class EMA:
         keeps this EMA's and loads the averages and counters only (the rule's own state, such as
         a count, is a counter).
         """
-        self._check_idle("load a state dict")  # the shadows may be the model's weights right now
+        # the shadows may be the model's weights right now
+        self._switch.check_idle("load a state dict")
         layout = _state.Layout(
             rule=self.rule,
             averaged={n: self._store.shadow(n) for n in self._averaged},
@@ -1037,7 +895,7 @@ class EMA:
         Call it after moving the model (``model.to(device); ema.to(device)``): tensors the move
         replaced are followed.
         """
-        self._check_idle("move the EMA")
+        self._switch.check_idle("move the EMA")
         if self.offload:
             raise ValueError(
                 "an EMA built with offload='cpu' keeps its shadows on the host; build one without "
@@ -1062,16 +920,11 @@ class EMA:
         on the model copies both, and the copy's EMA follows the copied model)."""
         clone = object.__new__(type(self))
         memo[id(self)] = clone
-        rebuilt = {"_engine", "_watch", "_bn_monitor", "_mode_switch", "_step_guard"}
+        rebuilt = {"_engine", "_watch", "_bn_monitor"}
         for key, value in self.__dict__.items():
             if key not in rebuilt:
-                clone.__dict__[key] = copy.deepcopy(value, memo)
+                clone.__dict__[key] = copy.deepcopy(value, memo)  # the switch copies itself
         clone._engine = None
-        clone._mode_switch = clone._step_guard = None
-        if clone._state == "swapped":
-            clone._step_guard = register_optimizer_step_pre_hook(
-                _refuse_step_into_averages(weakref.ref(clone))
-            )
         self._engine.wait()
         clone._plan(watch=False)  # a model being copied around this EMA is not filled in yet
         counter = self._rng_counter()
