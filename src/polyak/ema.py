@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from polyak import _kernels, _state, schedules
+from polyak import _kernels, _state, _tracking, schedules
 from polyak._kernels._engine import Policy
 from polyak._store import ShadowStore, local
 from polyak._switch import ModeSwitch, Switch
@@ -372,37 +372,13 @@ class EMA:
     def _changes_to_follow(
         self, device: torch.device | None = None
     ) -> dict[str, tuple[torch.Tensor, str]]:
-        """The tracked tensors the model replaced or re-cast, checked to be followable: same
-        shape, and on the device planned (or on ``device``, where the EMA is being moved)."""
-        changes = self._watch.changes(self.model, self._live)
-        reshaped, moved = [], []
-        for name, (tensor, what) in changes.items():
-            if tensor is None or tensor.shape != self._store.shadow(name).shape:
-                reshaped.append(f"{name} {what}")
-            elif tensor.device not in (self._watch.planned[name][2], device):
-                moved.append((f"{name} {what}", str(tensor.device)))
-        if reshaped or moved:
-            problems = reshaped + [text for text, _ in moved]
-            fixes = []
-            if moved:
-                devices = sorted({d for _, d in moved})
-                where = repr(devices[0]) if len(devices) == 1 else "device"
-                fixes.append(f"after moving the model, move the EMA too: ema.to({where})")
-            if reshaped:
-                fixes.append(
-                    "after changing the model's architecture, build a new EMA on it (a checkpoint "
-                    "of the old one loads into a model of the old architecture)"
-                )
-            raise RuntimeError(
-                "the model no longer holds the tensors this EMA averages, and the EMA cannot "
-                "follow:\n  "
-                + "\n  ".join(problems[:10])
-                + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-                + "\nNothing was changed. To fix: "
-                + "; ".join(fixes)
-                + "."
-            )
-        return changes  # type: ignore[return-value]
+        """The tracked tensors the model replaced or re-cast, checked to be followable
+        (:func:`polyak._tracking.followable`; ``device``: where the EMA is being moved)."""
+        return _tracking.followable(self._watch, self.model, self._live, self._shapes(), device)
+
+    def _shapes(self) -> dict[str, torch.Size]:
+        """name -> the shape of its average, for every tracked name in model order."""
+        return {n: self._store.shadow(n).shape for n in self._live}
 
     def _follow(
         self, changes: Mapping[str, tuple[torch.Tensor, str]], replan: bool = False
@@ -489,24 +465,11 @@ class EMA:
         with torch.no_grad():
             try:
                 self._engine.run(weights)
-            except RuntimeError as error:
-                changes = self._watch.changes(self.model, self._live)
-                if changes:  # changed in place where the cheap check did not look
-                    self._watch.dirty = True  # the next call follows them, or says why not
-                    raise RuntimeError(
-                        "ema.update() failed because the model's tensors changed since the EMA "
-                        "planned its update: "
-                        + "; ".join(f"{n} {what}" for n, (_, what) in list(changes.items())[:10])
-                        + ". Some shadows may already hold this update. The next ema.update() "
-                        "follows tensors of a new dtype; after moving the model to another "
-                        "device, call ema.to(device) first."
-                    ) from error
-                if "device" in str(error):
-                    raise RuntimeError(
-                        f"{error}\nThe model's tensors and the EMA's shadows are on different "
-                        f"devices: call ema.to(device) after moving the model."
-                    ) from error
-                raise
+            except RuntimeError as error:  # say why, where the model's tensors explain it
+                explained = _tracking.failed_update(error, self._watch, self.model, self._live)
+                if explained is None:
+                    raise
+                raise explained from error
         self.rule.advance(True)
         self._num_averages += 1
         if self._bn_monitor is not None:
@@ -592,28 +555,7 @@ class EMA:
         if model is None or unwrap(model) is self.model:
             self._ensure_current()
             return self._live
-        model = unwrap(model)
-        available = dict(model.named_parameters(remove_duplicate=False))
-        available.update(model.named_buffers(remove_duplicate=False))
-        shapes = {n: self._store.shadow(n).shape for n in self._live}
-        missing = [n for n in shapes if n not in available]
-        wrong = [
-            f"{n}: model {tuple(available[n].shape)} vs average {tuple(shape)}"
-            for n, shape in shapes.items()
-            if n in available and available[n].shape != shape
-        ]
-        if missing or wrong:
-            raise ValueError(
-                "this EMA was built on another model: "
-                + (
-                    f"missing names {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
-                    if missing
-                    else ""
-                )
-                + (f"shape mismatches {wrong[:10]}; " if wrong else "")
-                + "pass the model the EMA tracks, or one with the same architecture."
-            )
-        return {n: available[n] for n in shapes}
+        return _tracking.matched(unwrap(model), self._shapes())
 
     # ------------------------------------------------------------------ swapping (polyak._switch)
 
