@@ -17,8 +17,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from polyak import _kernels, _state, _tracking, schedules
+from polyak import _kernels, _options, _state, _tracking
 from polyak._kernels._engine import Policy
+from polyak._options import DEFAULT_DECAY, DecayLike
 from polyak._store import ShadowStore, local
 from polyak._switch import ModeSwitch, Switch
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
@@ -30,50 +31,9 @@ from polyak.io import save_safetensors
 __all__ = ["EMA", "LoadedSettingsWarning"]
 
 FORMAT = _state.FORMAT
-BUFFER_POLICIES = ("average", "copy", "none")
 # averaging updates after which update() asks the BatchNorm monitor whether statistics went stale
 # (then every 1000th); counted in averaging updates so that update_every=k cannot skip them
 _BN_CHECKS = frozenset({1, 10, 100})
-
-DecayLike = float | Callable[[int], Any]
-# the default decay, told apart from a decay the caller passed (even 0.999) by identity, so that
-# rule= and decay= given together are refused
-_DEFAULT_DECAY = 0.999
-
-
-def _as_schedule(decay: DecayLike) -> Callable[[int], Any]:
-    if callable(decay):
-        return decay
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise TypeError(
-            f"decay must be a float in [0, 1] or a schedule (a callable step -> decay), got "
-            f"{decay!r} of type {type(decay).__name__}; e.g. decay=0.999 or "
-            f"decay=polyak.schedules.tf_warmup(0.999)."
-        )
-    return schedules.constant(decay)  # validates the range
-
-
-def _checked_rule(rule: Rule, decay: DecayLike) -> Rule:
-    """``rule`` if it is a :class:`~polyak.averagers.Rule` given without ``decay``."""
-    if decay is not _DEFAULT_DECAY:
-        raise ValueError(
-            f"decay={decay!r} and rule={rule!r} cannot be given together: the rule sets the "
-            f"weights (decay=d is rule=polyak.averagers.Exponential(d)). Pass one of them."
-        )
-    if not isinstance(rule, Rule):
-        raise TypeError(
-            f"rule must be a polyak.averagers.Rule (slots, weights, advance, state_dict, "
-            f"load_state_dict, map_state, read), got {rule!r} of type {type(rule).__name__}; e.g. "
-            f"rule=polyak.averagers.Uniform()."
-        )
-    return rule
-
-
-def _takes_device_steps(schedule: Callable[[int], Any]) -> bool:
-    """Whether ``schedule`` is built from polyak's schedules only, which accept a step tensor."""
-    if isinstance(schedule, schedules.Scaled) and callable(schedule.base):
-        return _takes_device_steps(schedule.base)
-    return isinstance(schedule, schedules.Schedule)
 
 
 def _covered_offsets(update_every: int, device: torch.device) -> torch.Tensor:
@@ -170,7 +130,7 @@ class EMA:
     def __init__(
         self,
         model: nn.Module | Iterable[tuple[str, torch.Tensor]],
-        decay: DecayLike = _DEFAULT_DECAY,
+        decay: DecayLike = DEFAULT_DECAY,
         *,
         rule: Rule | None = None,
         buffers: Literal["average", "copy", "none"] = "average",
@@ -184,46 +144,17 @@ class EMA:
         offload: Literal["cpu"] | None = None,
         capturable: bool = False,
     ) -> None:
-        if buffers not in BUFFER_POLICIES:
-            raise ValueError(f"buffers must be one of {BUFFER_POLICIES}, got buffers={buffers!r}.")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(
-                f"update_every must be a positive int, got update_every={update_every!r}; "
-                f"use 1 to average at every update() call."
-            )
-        if shadow_dtype is not None and (
-            not isinstance(shadow_dtype, torch.dtype) or not shadow_dtype.is_floating_point
-        ):
-            raise TypeError(
-                f"shadow_dtype must be a floating torch.dtype or None, got {shadow_dtype!r}; "
-                f"e.g. shadow_dtype=torch.float32."
-            )
-        if include is not None and not callable(include):
-            raise TypeError(f"include must be a predicate (name, tensor) -> bool, got {include!r}.")
-        if stream not in (None, "side"):
-            raise ValueError(f"stream must be None or 'side', got stream={stream!r}.")
-        if offload not in (None, "cpu"):
-            raise ValueError(f"offload must be None or 'cpu', got offload={offload!r}.")
-        if stream is not None and offload is not None:
-            raise ValueError(
-                "stream='side' and offload='cpu' cannot be combined: an offloaded update already "
-                "copies on a side stream. Pass one of them."
-            )
-        if capturable and (stream is not None or offload is not None):
-            raise ValueError(
-                "capturable=True runs the update in the caller's stream (inside a CUDA graph); "
-                "it cannot be combined with stream='side' or offload='cpu'."
-            )
-        if rule is None:
-            self.schedule = _as_schedule(decay)
-        else:
-            self.rule = _checked_rule(rule, decay)
-        if capturable and self.schedule is not None and not _takes_device_steps(self.schedule):
-            raise ValueError(
-                f"capturable=True evaluates the decay on the device, which a Python callable "
-                f"cannot do (got {self.schedule!r}); use a built-in schedule from polyak.schedules, "
-                f"e.g. polyak.schedules.tf_warmup(0.999)."
-            )
+        self.rule = _options.rule_from(
+            decay,
+            rule,
+            buffers=buffers,
+            update_every=update_every,
+            shadow_dtype=shadow_dtype,
+            include=include,
+            stream=stream,
+            offload=offload,
+            capturable=capturable,
+        )
         self.buffers = buffers
         self.update_every = update_every
         self.shadow_dtype = shadow_dtype
@@ -242,14 +173,7 @@ class EMA:
             self.model = None
             named = named_pairs(model, include)
 
-        if capturable:
-            devices = sorted({str(t.device) for _, t, _ in named})
-            if len(devices) > 1:
-                raise ValueError(
-                    f"capturable=True keeps one step counter and decay on one device, but the "
-                    f"tracked tensors are on {devices}; track each device's tensors with an EMA "
-                    f"of its own, or leave capturable=False."
-                )
+        _options.check_tracked(named, capturable)
 
         # name -> live tensor (the Parameter/buffer object itself, so .data swaps are seen), in
         # model order; the shadows of every slot the rule keeps, by the store's dtype policy
@@ -258,19 +182,7 @@ class EMA:
             named, _state.rule_slots(self.rule), shadow_dtype=shadow_dtype, offload=offload
         )
         self._averaged, self._copied = self._store.averaged, self._store.copied
-        if not self._live:
-            raise ValueError(
-                "EMA found no tensor to track: the model has no trainable floating parameters "
-                "(or include= rejected them all). Check requires_grad and the include predicate."
-            )
-        if rounding == "stochastic":
-            wrong = [n for n in self._averaged if self._store.shadow(n).dtype != torch.bfloat16]
-            if wrong:
-                raise ValueError(
-                    f"rounding='stochastic' needs bf16 shadows, but {wrong[:5]} have "
-                    f"{dtype_name(self._store.shadow(wrong[0]).dtype)} shadows; pass "
-                    f"shadow_dtype=torch.bfloat16."
-                )
+        _options.check_rounding(rounding, {n: self._store.shadow(n) for n in self._averaged})
         self._kernel_request = kernel
         self.kernel = self._choose_kernel()
         if capturable:
