@@ -17,7 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from polyak import _kernels, _options, _state, _tracking
+from polyak import _export, _kernels, _options, _state, _tracking
 from polyak._kernels._engine import Policy
 from polyak._options import DEFAULT_DECAY, DecayLike
 from polyak._store import ShadowStore, local
@@ -562,12 +562,7 @@ class EMA:
         """name -> average cast to the live tensor's dtype and device (``dtype`` overrides floats)."""
         self._check_slot(slot)
         self._ensure_current()
-        out = {}
-        for name, shadow in self._values(slot).items():
-            live = self._live[name]
-            target = dtype if (dtype is not None and live.is_floating_point()) else live.dtype
-            out[name] = shadow.to(live.device, target)
-        return out
+        return _export.cast(self._values(slot), self._live, dtype)
 
     def functional_call(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model's forward with the averages via ``torch.func.functional_call``.
@@ -578,26 +573,14 @@ class EMA:
         The model's mode applies as usual: call ``model.eval()`` first for inference behaviour.
         """
         model = self._require_model("functional_call()")
-        tensors = self._averaged_tensors()
-        for name, buffer in model.named_buffers(remove_duplicate=False):
-            tensors[name] = tensors.get(name, buffer).clone()
-        return torch.func.functional_call(
-            model, tensors, args, kwargs, tie_weights=True, strict=False
-        )
+        return _export.forward(model, self._averaged_tensors(), args, kwargs)
 
     def averaged_module(self, *, slot: str | None = None) -> nn.Module:
         """A standalone copy of the model holding the averages (``slot``: as in :meth:`swapped`),
         in eval mode."""
         self._check_slot(slot)
         model = self._require_model("averaged_module()")
-        clone = copy.deepcopy(model)
-        clone.__dict__.pop("train", None)  # never bound to this EMA's mode switch
-        tensors = dict(clone.named_parameters(remove_duplicate=False))
-        tensors.update(clone.named_buffers(remove_duplicate=False))
-        with torch.no_grad():
-            for name, value in self._values(slot).items():
-                tensors[name].copy_(value)
-        return clone.eval()
+        return _export.averaged_copy(model, self._values(slot))
 
     def export_state_dict(
         self, dtype: torch.dtype | None = None, *, slot: str | None = None
@@ -609,19 +592,9 @@ class EMA:
         to ``dtype`` if given, else to the model's own dtypes. ``slot``: as in :meth:`swapped`.
         """
         model = self._require_model("export")
-        averaged = self._averaged_tensors(dtype, slot)
-        by_id = {id(self._live[n]): t for n, t in averaged.items()}
-        out: dict[str, torch.Tensor] = {}
-        casts: dict[int, torch.Tensor] = {}
-        for key, tensor in model.state_dict(keep_vars=True).items():
-            if id(tensor) in by_id:
-                out[key] = by_id[id(tensor)].detach()
-            else:
-                if dtype is not None and tensor.is_floating_point():
-                    # cast once per tensor so tied weights stay shared
-                    tensor = casts.setdefault(id(tensor), tensor.detach().to(dtype))
-                out[key] = tensor.detach()
-        return out
+        return _export.full_state_dict(
+            model, self._averaged_tensors(dtype, slot), self._live, dtype
+        )
 
     def save(
         self,
