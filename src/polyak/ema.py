@@ -20,11 +20,11 @@ from torch import nn
 from polyak import _export, _kernels, _options, _state, _tracking
 from polyak._kernels._engine import Policy
 from polyak._options import DEFAULT_DECAY, DecayLike
+from polyak._steps import DeviceSteps, HostSteps
 from polyak._store import ShadowStore, local
 from polyak._switch import ModeSwitch, Switch
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
-from polyak.averagers import DeviceOps, Exponential, Rule
-from polyak.averagers._ops import place_state
+from polyak.averagers import Exponential, Rule
 from polyak.bn import BatchNormMonitor
 from polyak.io import save_safetensors
 
@@ -34,11 +34,6 @@ FORMAT = _state.FORMAT
 # averaging updates after which update() asks the BatchNorm monitor whether statistics went stale
 # (then every 1000th); counted in averaging updates so that update_every=k cannot skip them
 _BN_CHECKS = frozenset({1, 10, 100})
-
-
-def _covered_offsets(update_every: int, device: torch.device) -> torch.Tensor:
-    """``[k-1, ..., 1, 0]``: step ``n`` minus these are the k steps one averaging update covers."""
-    return torch.arange(update_every - 1, -1, -1, device=device)
 
 
 class LoadedSettingsWarning(UserWarning):
@@ -163,8 +158,6 @@ class EMA:
         self.stream = stream
         self.offload = offload
         self.capturable = capturable
-        self._step = 0
-        self._num_averages = 0
 
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = unwrap(model)
@@ -185,12 +178,11 @@ class EMA:
         _options.check_rounding(rounding, {n: self._store.shadow(n) for n in self._averaged})
         self._kernel_request = kernel
         self.kernel = self._choose_kernel()
+        # the counters, and with capturable=True the rule's state, beside the tracked tensors
+        self._steps: HostSteps | DeviceSteps = HostSteps()
         if capturable:
             device = self._live[next(iter(self._live))].device
-            self._step_t = torch.zeros((), dtype=torch.int64, device=device)
-            self._num_t = torch.zeros((), dtype=torch.int64, device=device)
-            self._covered = _covered_offsets(update_every, device)
-            self.rule.map_state(lambda value: place_state(value, device))  # beside the step
+            self._steps = DeviceSteps(device, update_every, self.rule)
         self._engine: Policy | None = None
         self._plan()
 
@@ -311,26 +303,20 @@ class EMA:
     @property
     def step(self) -> int:
         """Calls of :meth:`update` so far (an int; read from the device when capturable)."""
-        return int(self._step_t.item()) if self.capturable else self._step
+        return self._steps.step
 
     @step.setter
     def step(self, value: int) -> None:
-        if self.capturable:
-            self._step_t.fill_(int(value))
-        else:
-            self._step = int(value)
+        self._steps.step = int(value)
 
     @property
     def num_averages(self) -> int:
         """Averaging updates so far: ``step // update_every``."""
-        return int(self._num_t.item()) if self.capturable else self._num_averages
+        return self._steps.num_averages
 
     @num_averages.setter
     def num_averages(self, value: int) -> None:
-        if self.capturable:
-            self._num_t.fill_(int(value))
-        else:
-            self._num_averages = int(value)
+        self._steps.num_averages = int(value)
 
     # ------------------------------------------------------------------ the update
 
@@ -354,7 +340,7 @@ class EMA:
         """
         self._switch.check_update()
         self._ensure_current()
-        if self.capturable:
+        if isinstance(self._steps, DeviceSteps):
             if not self._warm:
                 if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
                     raise RuntimeError(
@@ -367,13 +353,11 @@ class EMA:
             with torch.no_grad():
                 # an off-step is skipped on the device by the gate, not lerped by weight 0,
                 # which would let a NaN in the weights through (0 * nan = nan)
-                weights, gate = self._device_weights()
-                self._engine.run(weights, gate)
+                self._engine.run(*self._steps.tick(self.rule, self.update_every))
             return
-        self._step += 1
-        if self._step % self.update_every:
+        weights = self._steps.tick(self.rule, self.update_every)
+        if weights is None:
             return
-        weights = self.rule.weights(self._step - self.update_every + 1, self._step)
         with torch.no_grad():
             try:
                 self._engine.run(weights)
@@ -382,30 +366,13 @@ class EMA:
                 if explained is None:
                     raise
                 raise explained from error
-        self.rule.advance(True)
-        self._num_averages += 1
+        self._steps.averaged(self.rule)
         if self._bn_monitor is not None:
             if self.buffers == "none":
                 self._bn_monitor.note_update()
-            if self._num_averages in _BN_CHECKS or self._num_averages % 1000 == 0:
+            number = self._steps.num_averages
+            if number in _BN_CHECKS or number % 1000 == 0:
                 self._bn_monitor.check()
-
-    def _device_weights(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """This call's step on the device: ``step += 1``, the rule's weights (one 0-dim float64
-        tensor per slot, :class:`polyak.averagers.DeviceOps`) and the gate, a 0-dim bool tensor
-        that is True where this call is not an averaging update (``step % update_every != 0``).
-
-        The weights are evaluated at every call, off the averaging steps too (finite there: steps
-        that do not exist yet are evaluated at 1), and the rule's state advances where due.
-        """
-        self._step_t.add_(1)
-        last = self._step_t
-        ops = DeviceOps(self._covered)
-        weights = self.rule.weights(last - (self.update_every - 1), last, ops)
-        due = (last % self.update_every) == 0
-        self.rule.advance(due, ops)
-        self._num_t.add_(due)
-        return weights, due.logical_not()
 
     @property
     def decay(self) -> float:
@@ -705,8 +672,8 @@ class EMA:
         self.num_averages = plan.num_averages
         if plan.update_every is not None:
             self.update_every = plan.update_every
-            if self.capturable:  # the steps one averaging update covers, for _device_weight
-                self._covered = _covered_offsets(self.update_every, self._step_t.device)
+            if isinstance(self._steps, DeviceSteps):  # the steps one averaging update covers
+                self._steps.cover(self.update_every)
         if plan.rule is not None:  # the checkpoint's settings (a capturable EMA whose rule keeps
             self.rule = plan.rule  # state must then place that state on the device, as __init__)
         if plan.rule_state is not None:
@@ -734,11 +701,8 @@ class EMA:
         changes = self._changes_to_follow(target)  # the model moved first
         self._engine.wait()
         self._store.to(device)  # keeps the objects where it can: average(name) callers hold them
-        if self.capturable:
-            self._step_t = self._step_t.to(device)
-            self._num_t = self._num_t.to(device)
-            self._covered = self._covered.to(device)
-            self.rule.map_state(lambda value: place_state(value, device))
+        if isinstance(self._steps, DeviceSteps):
+            self._steps.to(device, self.rule)
         self._follow(changes, replan=True)
         return self
 
