@@ -602,27 +602,17 @@ class EMA:
         :mod:`polyak._state`.
         """
         self._engine.wait()
-        shadows = {
-            slot: {n: self._store.shadow(n, slot).detach() for n in self._averaged}
-            for slot in self._store.slots
-        }
-        copies = {n: self._store.shadow(n).detach() for n in self._copied}
-        state = {
-            "format": _state.FORMAT,
-            "version": _state.VERSION,
-            "step": int(self.step),
-            "num_averages": int(self.num_averages),
-            "update_every": int(self.update_every),
-            "buffers": self.buffers,
-            "rule": _state.encode_rule(self.rule),
-            "shadows": shadows,
-            "copies": copies,
-            "shadow_dtypes": {n: dtype_name(self._store.shadow(n).dtype) for n in self._live},
-        }
         counter = self._rng_counter()
-        if counter is not None:
-            state["rng_counter"] = int(counter.item())
-        return state
+        return _state.write(
+            self._store,
+            self._live,
+            self.rule,
+            step=self.step,
+            num_averages=self.num_averages,
+            update_every=self.update_every,
+            buffers=self.buffers,
+            rng_counter=None if counter is None else int(counter.item()),
+        )
 
     def load_state_dict(
         self,
@@ -644,13 +634,7 @@ class EMA:
         """
         # the shadows may be the model's weights right now
         self._switch.check_idle("load a state dict")
-        layout = _state.Layout(
-            rule=self.rule,
-            averaged={n: self._store.shadow(n) for n in self._averaged},
-            copied={n: self._store.shadow(n) for n in self._copied},
-            buffers=self.buffers,
-            update_every=self.update_every,
-        )
+        layout = _state.Layout.of(self._store, self.rule, self.buffers, self.update_every)
         plan = _state.parse(state, layout, settings=settings)
         # everything is valid: now change things
         if plan.changed:
@@ -662,12 +646,7 @@ class EMA:
                 stacklevel=2,
             )
         self._engine.wait()
-        with torch.no_grad():
-            for slot, tensors in plan.shadows.items():  # every slot of the rule, checked by parse
-                for name, tensor in tensors.items():
-                    self._store.shadow(name, slot).copy_(tensor)
-            for name, tensor in plan.copies.items():
-                self._store.shadow(name).copy_(tensor)
+        plan.copy_into(self._store)
         self.step = plan.step
         self.num_averages = plan.num_averages
         if plan.update_every is not None:
