@@ -616,16 +616,8 @@ def test_write_then_parse_then_copy_into_round_trips_a_store_without_an_ema():
     store = ShadowStore(tracked, _state.rule_slots(rule))
     for i, slot in enumerate(store.slots):
         store.shadow("w", slot).fill_(i + 0.5)
-    state = _state.write(
-        store,
-        ["n", "w"],
-        rule,
-        step=5,
-        num_averages=2,
-        update_every=2,
-        buffers="average",
-        rng_counter=None,
-    )
+    counters = {"step": 5, "num_averages": 2, "update_every": 2}
+    state = _state.write(store, ["n", "w"], rule, **counters, buffers="average", rng_counter=None)
     assert "rng_counter" not in state and list(state["shadow_dtypes"]) == ["n", "w"]
     assert state["shadow_dtypes"] == {"n": "int64", "w": "float32"}  # bf16 -> fp32 shadows
     assert state["shadows"]["ema1"]["w"].data_ptr() == store.shadow("w", "ema1").data_ptr()
@@ -636,14 +628,5 @@ def test_write_then_parse_then_copy_into_round_trips_a_store_without_an_ema():
     for slot in store.slots:
         assert torch.equal(other.shadow("w", slot), store.shadow("w", slot))
     assert torch.equal(other.shadow("n"), count)
-    with_counter = _state.write(
-        store,
-        ["w", "n"],
-        rule,
-        step=0,
-        num_averages=0,
-        update_every=1,
-        buffers="copy",
-        rng_counter=11,
-    )
+    with_counter = _state.write(store, ["w", "n"], rule, **counters, buffers="copy", rng_counter=11)
     assert with_counter["rng_counter"] == 11 and with_counter["buffers"] == "copy"

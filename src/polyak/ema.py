@@ -1,8 +1,16 @@
-"""class EMA: tracking, update, swap, store/restore, state_dict, export.
+"""class EMA: the facade users see; it composes one module per idea and holds none of them itself.
 
-The EMA composes an averaging rule (:mod:`polyak.averagers`: how much of the weights enters the
-average at each update) and a kernel (:mod:`polyak._kernels`: how tensors are updated). It knows
-names and modules; the rule knows steps; the kernel knows lists of tensors.
+- :mod:`polyak._options`: the constructor's arguments checked, the rule resolved from ``decay=``;
+- :mod:`polyak._tracking`: the tracked ``(name, live tensor)``s, and following the model's changes;
+- :mod:`polyak._store`: the shadows, keyed by (slot, name);
+- :mod:`polyak.averagers`: the rule, which gives each update's weights and reads the averages;
+- :mod:`polyak._steps`: the update counters, on the host or on the device (``capturable``);
+- :mod:`polyak._kernels`: how an update runs (kernel and execution policy);
+- :mod:`polyak._switch` and :mod:`polyak._placement`: averages in and out of a model (seed 001);
+- :mod:`polyak._export`, :mod:`polyak.io`: the averages as a state dict, a module, a file;
+- :mod:`polyak._state`: the state-dict schema, its versions and their validation.
+
+It knows names and modules; the rule knows steps; the kernel knows lists of tensors.
 """
 
 from __future__ import annotations
