@@ -68,3 +68,12 @@ def test_device_steps_setters_cover_and_to():
     assert [bool(steps.tick(rule, 4)[1]) for _ in range(2)] == [True, False]
     steps.to("cpu", rule)
     assert (steps.step, steps.num_averages) == (12, 5) and int(rule.count) == 1
+
+
+def test_device_steps_move_with_the_rules_state():
+    rule = averagers.Uniform()
+    steps = DeviceSteps("cpu", 2, rule)
+    steps.to("meta", rule)
+    assert rule.count.is_meta and steps._step.is_meta and steps._num.is_meta
+    _, gate = steps.tick(rule, 2)  # the covered offsets moved too: no device mix
+    assert gate.is_meta

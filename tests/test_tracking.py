@@ -342,3 +342,8 @@ def test_matched_reports_missing_names_and_shapes_at_once():
         "['0.weight: model (8, 4) vs average (8, 3)']; pass the model the EMA tracks, or one "
         "with the same architecture."
     )
+
+
+def test_matched_refuses_a_missing_name_alone():
+    with pytest.raises(ValueError, match=r"missing names \['2\.weight'\]; pass the model"):
+        _tracking.matched(net(), {"0.weight": torch.Size([8, 4]), "2.weight": torch.Size([1])})
