@@ -22,6 +22,7 @@ from torch import nn
 
 import polyak
 from polyak import _state, averagers, schedules
+from polyak._store import ShadowStore
 from polyak.ema import LoadedSettingsWarning
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -602,3 +603,30 @@ def test_version_2_holds_several_slots():
     assert "shadows['slow']: unexpected names: ['v']" in str(info.value)
     with pytest.raises(ValueError, match=r"slots \['fast'\] in state vs \['fast', 'slow'\]"):
         _state.parse(two_slot_state(fast={"w": fast}), layout)
+
+
+# ------------------------------------------------------------------ write / Layout.of / Plan.copy_into
+
+
+def test_write_then_parse_then_copy_into_round_trips_a_store_without_an_ema():
+    torch.manual_seed(0)
+    weight, count = torch.randn(3, 2, dtype=torch.bfloat16), torch.tensor(7)
+    tracked = [("w", weight, "average"), ("n", count, "copy")]
+    rule = averagers.Exponentials((0.9, 0.99))
+    store = ShadowStore(tracked, _state.rule_slots(rule))
+    for i, slot in enumerate(store.slots):
+        store.shadow("w", slot).fill_(i + 0.5)
+    counters = {"step": 5, "num_averages": 2, "update_every": 2}
+    state = _state.write(store, ["n", "w"], rule, **counters, buffers="average", rng_counter=None)
+    assert "rng_counter" not in state and list(state["shadow_dtypes"]) == ["n", "w"]
+    assert state["shadow_dtypes"] == {"n": "int64", "w": "float32"}  # bf16 -> fp32 shadows
+    assert state["shadows"]["ema1"]["w"].data_ptr() == store.shadow("w", "ema1").data_ptr()
+    assert (state["step"], state["num_averages"], state["update_every"]) == (5, 2, 2)
+    other = ShadowStore(tracked, _state.rule_slots(rule))
+    plan = _state.parse(state, _state.Layout.of(other, rule, "average", 2))
+    plan.copy_into(other)
+    for slot in store.slots:
+        assert torch.equal(other.shadow("w", slot), store.shadow("w", slot))
+    assert torch.equal(other.shadow("n"), count)
+    with_counter = _state.write(store, ["w", "n"], rule, **counters, buffers="copy", rng_counter=11)
+    assert with_counter["rng_counter"] == 11 and with_counter["buffers"] == "copy"

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import polyak
+from polyak import _tracking
 from polyak._tracking import Watch
 
 
@@ -240,3 +241,109 @@ def test_model_moved_to_cuda_in_place_is_named_and_followed_after_ema_to():
     e.to("cuda")
     e.update()
     assert_half_way(e.average("0.weight").cpu(), before["0.weight"], m[0].weight.cpu())
+
+
+# ------------------------------------------------------------------ the functions the EMA calls
+
+
+def watched(model: nn.Module) -> tuple[Watch, dict[str, torch.Tensor], dict[str, torch.Size]]:
+    live = dict(model.named_parameters())
+    return Watch(model, live), live, {n: t.shape for n, t in live.items()}
+
+
+def test_followable_gives_the_replaced_tensors_and_nothing_else():
+    m = net()
+    watch, live, shapes = watched(m)
+    assert _tracking.followable(watch, m, live, shapes) == {}
+    new = nn.Parameter(torch.zeros(8, 4))
+    m[0].weight = new
+    changes = _tracking.followable(watch, m, live, shapes)
+    assert list(changes) == ["0.weight"]
+    assert changes["0.weight"][0] is new
+    assert changes["0.weight"][1] == "was replaced by another tensor object"
+
+
+def test_followable_checks_the_shape_of_the_average_not_of_the_old_tensor():
+    m = net()
+    watch, live, shapes = watched(m)
+    m[0].weight = nn.Parameter(torch.zeros(8, 4))
+    with pytest.raises(RuntimeError, match=r"0\.weight was replaced[\s\S]*build a new EMA"):
+        _tracking.followable(watch, m, live, {**shapes, "0.weight": torch.Size([4, 8])})
+
+
+def test_followable_accepts_the_device_being_moved_to_and_refuses_others():
+    m = net()
+    watch, live, shapes = watched(m)
+    m.to("meta")
+    fix = r"move the EMA too: ema\.to\('meta'\)\."
+    with pytest.raises(RuntimeError, match=r"(?s)0\.weight .*moved from cpu to meta.*" + fix):
+        _tracking.followable(watch, m, live, shapes)
+    with pytest.raises(RuntimeError, match=fix):
+        _tracking.followable(watch, m, live, shapes, torch.device("cpu"))
+    changes = _tracking.followable(watch, m, live, shapes, torch.device("meta"))
+    assert set(changes) == set(live)
+
+
+def test_followable_lists_ten_problems_and_counts_the_rest_with_both_fixes():
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Linear(2, 2) for _ in range(6)])  # 12 parameters
+    watch, live, shapes = watched(m)
+    for i in range(5):
+        m[i] = nn.Linear(3, 3)  # 10 reshaped
+    m[5].to("meta")  # 2 moved
+    with pytest.raises(RuntimeError) as info:
+        _tracking.followable(watch, m, live, shapes)
+    text = str(info.value)
+    assert text.count("changed shape") == 10 and "moved from cpu to meta" not in text
+    assert "... and 2 more" in text
+    assert text.endswith(
+        "To fix: after moving the model, move the EMA too: ema.to('meta'); after changing the "
+        "model's architecture, build a new EMA on it (a checkpoint of the old one loads into a "
+        "model of the old architecture)."
+    )
+
+
+def test_failed_update_names_what_changed_and_marks_the_watch_dirty():
+    m = net()
+    watch, live, _ = watched(m)
+    m[1].half()  # not a tracked parameter's group first: the cheap check does not see it
+    assert not watch.stale()
+    explained = _tracking.failed_update(RuntimeError("kernel said no"), watch, m, live)
+    assert explained is not None and watch.dirty
+    assert "1.weight changed dtype from float32 to float16" in str(explained)
+    assert "Some shadows may already hold this update" in str(explained)
+
+
+def test_failed_update_adds_the_device_fix_or_leaves_the_error_alone():
+    m = net()
+    watch, live, _ = watched(m)
+    explained = _tracking.failed_update(RuntimeError("tensors on another device"), watch, m, live)
+    assert explained is not None and str(explained).startswith("tensors on another device\n")
+    assert "call ema.to(device) after moving the model" in str(explained)
+    assert _tracking.failed_update(RuntimeError("out of memory"), watch, m, live) is None
+    assert not watch.dirty
+
+
+def test_matched_finds_the_names_in_another_model_in_the_given_order():
+    m, other = net(), net()
+    shapes = {"1.running_mean": torch.Size([8]), "0.weight": torch.Size([8, 4])}
+    found = _tracking.matched(other, shapes)
+    assert list(found) == ["1.running_mean", "0.weight"]
+    assert found["0.weight"] is other[0].weight and found["1.running_mean"] is other[1].running_mean
+    assert found["0.weight"] is not m[0].weight
+
+
+def test_matched_reports_missing_names_and_shapes_at_once():
+    shapes = {"0.weight": torch.Size([8, 3]), "2.bias": torch.Size([1]), "0.bias": torch.Size([8])}
+    with pytest.raises(ValueError) as info:
+        _tracking.matched(net(), shapes)
+    assert str(info.value) == (
+        "this EMA was built on another model: missing names ['2.bias']; shape mismatches "
+        "['0.weight: model (8, 4) vs average (8, 3)']; pass the model the EMA tracks, or one "
+        "with the same architecture."
+    )
+
+
+def test_matched_refuses_a_missing_name_alone():
+    with pytest.raises(ValueError, match=r"missing names \['2\.weight'\]; pass the model"):
+        _tracking.matched(net(), {"0.weight": torch.Size([8, 4]), "2.weight": torch.Size([1])})

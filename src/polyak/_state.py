@@ -5,7 +5,8 @@ accepts. A state dict is plain data (str, int, float, list, dict, tensors), keye
 by position, and readable with ``torch.load(path, weights_only=True)``. Loading runs in two
 phases: :func:`parse` upgrades the dict to the current version, checks all of it against the EMA
 that loads it and reports every problem in one ``ValueError`` *before* anything is changed; the
-EMA then applies the :class:`Plan` it returns, which cannot fail.
+EMA then applies the :class:`Plan` it returns, which cannot fail. :func:`write` builds the current
+version from a :class:`~polyak._store.ShadowStore`.
 
 Version 2 (written since issue 14)::
 
@@ -40,15 +41,26 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
 import torch
 
 from polyak import schedules
+from polyak._store import ShadowStore
 from polyak._tracking import dtype_name
 
-__all__ = ["FORMAT", "VERSION", "Layout", "Plan", "encode_rule", "parse", "rule_slots", "upgrade"]
+__all__ = [
+    "FORMAT",
+    "VERSION",
+    "Layout",
+    "Plan",
+    "encode_rule",
+    "parse",
+    "rule_slots",
+    "upgrade",
+    "write",
+]
 
 FORMAT = "polyak.EMA"
 VERSION = 2
@@ -201,6 +213,43 @@ def encode_rule(rule: Any) -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------ writing
+
+
+def write(
+    store: ShadowStore,
+    names: Iterable[str],
+    rule: Any,
+    *,
+    step: int,
+    num_averages: int,
+    update_every: int,
+    buffers: str,
+    rng_counter: int | None,
+) -> dict[str, Any]:
+    """The current version's state dict of the shadows in ``store`` (detached, not copied),
+    ``names`` giving the order of ``shadow_dtypes`` (the model's); ``rng_counter`` only where
+    not ``None``."""
+    state = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": int(step),
+        "num_averages": int(num_averages),
+        "update_every": int(update_every),
+        "buffers": buffers,
+        "rule": encode_rule(rule),
+        "shadows": {
+            slot: {n: store.shadow(n, slot).detach() for n in store.averaged}
+            for slot in store.slots
+        },
+        "copies": {n: store.shadow(n).detach() for n in store.copied},
+        "shadow_dtypes": {n: dtype_name(store.shadow(n).dtype) for n in names},
+    }
+    if rng_counter is not None:
+        state["rng_counter"] = int(rng_counter)
+    return state
+
+
 # ------------------------------------------------------------------ validation
 
 
@@ -223,6 +272,17 @@ class Layout:
     def slots(self) -> tuple[str, ...]:
         return rule_slots(self.rule)
 
+    @classmethod
+    def of(cls, store: ShadowStore, rule: Any, buffers: str, update_every: int) -> Layout:
+        """What an EMA holds whose shadows are ``store``."""
+        return cls(
+            rule=rule,
+            averaged={n: store.shadow(n) for n in store.averaged},
+            copied={n: store.shadow(n) for n in store.copied},
+            buffers=buffers,
+            update_every=update_every,
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -243,6 +303,16 @@ class Plan:
     copies: dict[str, torch.Tensor]
     rng_counter: int | None
     changed: list[str]
+
+    def copy_into(self, store: ShadowStore) -> None:
+        """Copy the checked shadows (every slot of the rule) and copies into ``store``'s, in
+        place (objects that ``average(name)`` callers hold stay theirs)."""
+        with torch.no_grad():
+            for slot, tensors in self.shadows.items():
+                for name, tensor in tensors.items():
+                    store.shadow(name, slot).copy_(tensor)
+            for name, tensor in self.copies.items():
+                store.shadow(name).copy_(tensor)
 
 
 def _names(kind: str, names: list[str]) -> str:

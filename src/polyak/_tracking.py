@@ -22,12 +22,17 @@ caught by the kernel's own dtype check; the EMA then asks :meth:`Watch.changes` 
 says so. Not seen: parameters replaced by ``_apply`` in overwrite mode
 (``torch.__future__.set_overwrite_module_params_on_conversion(True)``) in a part of the model
 that holds neither a group's first tensor nor a buffer.
+
+What the EMA does with a change is decided here too: :func:`followable` accepts a tensor of the
+same shape (on the same device, or the one the EMA is moving to) and refuses anything else with an
+error that names each tensor and the fix; :func:`failed_update` explains a kernel error that a
+change the cheap check missed caused; :func:`matched` finds the tracked names in another model.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -226,3 +231,99 @@ class Watch:
             if what:
                 out[name] = (tensor, " and ".join(what))
         return out
+
+
+def followable(
+    watch: Watch,
+    model: nn.Module | None,
+    live: dict[str, torch.Tensor],
+    shapes: Mapping[str, torch.Size],
+    device: torch.device | None = None,
+) -> dict[str, tuple[torch.Tensor, str]]:
+    """The tracked tensors the model replaced or re-cast (:meth:`Watch.changes`), checked to be
+    followable: the shape of their average (``shapes``), and on the device planned (or on
+    ``device``, where the EMA is being moved). Otherwise a ``RuntimeError`` names each tensor that
+    cannot be followed and says how to fix it; nothing was changed."""
+    changes = watch.changes(model, live)
+    reshaped, moved = [], []
+    for name, (tensor, what) in changes.items():
+        if tensor is None or tensor.shape != shapes[name]:
+            reshaped.append(f"{name} {what}")
+        elif tensor.device not in (watch.planned[name][2], device):
+            moved.append((f"{name} {what}", str(tensor.device)))
+    if reshaped or moved:
+        problems = reshaped + [text for text, _ in moved]
+        fixes = []
+        if moved:
+            devices = sorted({d for _, d in moved})
+            where = repr(devices[0]) if len(devices) == 1 else "device"
+            fixes.append(f"after moving the model, move the EMA too: ema.to({where})")
+        if reshaped:
+            fixes.append(
+                "after changing the model's architecture, build a new EMA on it (a checkpoint "
+                "of the old one loads into a model of the old architecture)"
+            )
+        raise RuntimeError(
+            "the model no longer holds the tensors this EMA averages, and the EMA cannot "
+            "follow:\n  "
+            + "\n  ".join(problems[:10])
+            + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            + "\nNothing was changed. To fix: "
+            + "; ".join(fixes)
+            + "."
+        )
+    return changes  # type: ignore[return-value]
+
+
+def failed_update(
+    error: RuntimeError, watch: Watch, model: nn.Module | None, live: dict[str, torch.Tensor]
+) -> RuntimeError | None:
+    """Why an update raised ``error``, in words a user can act on, or ``None`` (re-raise it as is).
+
+    A tensor changed in place where the cheap check (:meth:`Watch.stale`) did not look (a
+    partial ``model.fc.half()``) is named, and the watch marked dirty so that the next update
+    follows it or says why not; a kernel's device mismatch gets the fix (``ema.to(device)``).
+    """
+    changes = watch.changes(model, live)
+    if changes:
+        watch.dirty = True
+        return RuntimeError(
+            "ema.update() failed because the model's tensors changed since the EMA "
+            "planned its update: "
+            + "; ".join(f"{n} {what}" for n, (_, what) in list(changes.items())[:10])
+            + ". Some shadows may already hold this update. The next ema.update() "
+            "follows tensors of a new dtype; after moving the model to another "
+            "device, call ema.to(device) first."
+        )
+    if "device" in str(error):
+        return RuntimeError(
+            f"{error}\nThe model's tensors and the EMA's shadows are on different "
+            f"devices: call ema.to(device) after moving the model."
+        )
+    return None
+
+
+def matched(model: nn.Module, shapes: Mapping[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """The tensors of ``model`` (another than the tracked one: averages put into a copy) under
+    the tracked names, in ``shapes``' order; a ``ValueError`` lists missing names and shape
+    mismatches at once."""
+    available = dict(model.named_parameters(remove_duplicate=False))
+    available.update(model.named_buffers(remove_duplicate=False))
+    missing = [n for n in shapes if n not in available]
+    wrong = [
+        f"{n}: model {tuple(available[n].shape)} vs average {tuple(shape)}"
+        for n, shape in shapes.items()
+        if n in available and available[n].shape != shape
+    ]
+    if missing or wrong:
+        raise ValueError(
+            "this EMA was built on another model: "
+            + (
+                f"missing names {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
+                if missing
+                else ""
+            )
+            + (f"shape mismatches {wrong[:10]}; " if wrong else "")
+            + "pass the model the EMA tracks, or one with the same architecture."
+        )
+    return {n: available[n] for n in shapes}

@@ -1,8 +1,16 @@
-"""class EMA: tracking, update, swap, store/restore, state_dict, export.
+"""class EMA: the facade users see; it composes one module per idea and holds none of them itself.
 
-The EMA composes an averaging rule (:mod:`polyak.averagers`: how much of the weights enters the
-average at each update) and a kernel (:mod:`polyak._kernels`: how tensors are updated). It knows
-names and modules; the rule knows steps; the kernel knows lists of tensors.
+- :mod:`polyak._options`: the constructor's arguments checked, the rule resolved from ``decay=``;
+- :mod:`polyak._tracking`: the tracked ``(name, live tensor)``s, and following the model's changes;
+- :mod:`polyak._store`: the shadows, keyed by (slot, name);
+- :mod:`polyak.averagers`: the rule, which gives each update's weights and reads the averages;
+- :mod:`polyak._steps`: the update counters, on the host or on the device (``capturable``);
+- :mod:`polyak._kernels`: how an update runs (kernel and execution policy);
+- :mod:`polyak._switch` and :mod:`polyak._placement`: averages in and out of a model (seed 001);
+- :mod:`polyak._export`, :mod:`polyak.io`: the averages as a state dict, a module, a file;
+- :mod:`polyak._state`: the state-dict schema, its versions and their validation.
+
+It knows names and modules; the rule knows steps; the kernel knows lists of tensors.
 """
 
 from __future__ import annotations
@@ -11,121 +19,29 @@ import contextlib
 import copy
 import os
 import warnings
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from polyak import _kernels, _placement, _state, schedules
+from polyak import _export, _kernels, _options, _state, _tracking
 from polyak._kernels._engine import Policy
+from polyak._options import DEFAULT_DECAY, DecayLike
+from polyak._steps import DeviceSteps, HostSteps
 from polyak._store import ShadowStore, local
+from polyak._switch import ModeSwitch, Switch
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
-from polyak.averagers import DeviceOps, Exponential, Rule
-from polyak.averagers._ops import place_state
+from polyak.averagers import Exponential, Rule
 from polyak.bn import BatchNormMonitor
 from polyak.io import save_safetensors
 
 __all__ = ["EMA", "LoadedSettingsWarning"]
 
 FORMAT = _state.FORMAT
-BUFFER_POLICIES = ("average", "copy", "none")
 # averaging updates after which update() asks the BatchNorm monitor whether statistics went stale
 # (then every 1000th); counted in averaging updates so that update_every=k cannot skip them
 _BN_CHECKS = frozenset({1, 10, 100})
-
-DecayLike = float | Callable[[int], Any]
-# the default decay, told apart from a decay the caller passed (even 0.999) by identity, so that
-# rule= and decay= given together are refused
-_DEFAULT_DECAY = 0.999
-
-
-def _as_schedule(decay: DecayLike) -> Callable[[int], Any]:
-    if callable(decay):
-        return decay
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)):
-        raise TypeError(
-            f"decay must be a float in [0, 1] or a schedule (a callable step -> decay), got "
-            f"{decay!r} of type {type(decay).__name__}; e.g. decay=0.999 or "
-            f"decay=polyak.schedules.tf_warmup(0.999)."
-        )
-    return schedules.constant(decay)  # validates the range
-
-
-def _checked_rule(rule: Rule, decay: DecayLike) -> Rule:
-    """``rule`` if it is a :class:`~polyak.averagers.Rule` given without ``decay``."""
-    if decay is not _DEFAULT_DECAY:
-        raise ValueError(
-            f"decay={decay!r} and rule={rule!r} cannot be given together: the rule sets the "
-            f"weights (decay=d is rule=polyak.averagers.Exponential(d)). Pass one of them."
-        )
-    if not isinstance(rule, Rule):
-        raise TypeError(
-            f"rule must be a polyak.averagers.Rule (slots, weights, advance, state_dict, "
-            f"load_state_dict, map_state, read), got {rule!r} of type {type(rule).__name__}; e.g. "
-            f"rule=polyak.averagers.Uniform()."
-        )
-    return rule
-
-
-def _takes_device_steps(schedule: Callable[[int], Any]) -> bool:
-    """Whether ``schedule`` is built from polyak's schedules only, which accept a step tensor."""
-    if isinstance(schedule, schedules.Scaled) and callable(schedule.base):
-        return _takes_device_steps(schedule.base)
-    return isinstance(schedule, schedules.Schedule)
-
-
-def _covered_offsets(update_every: int, device: torch.device) -> torch.Tensor:
-    """``[k-1, ..., 1, 0]``: step ``n`` minus these are the k steps one averaging update covers."""
-    return torch.arange(update_every - 1, -1, -1, device=device)
-
-
-class _ModeSwitch:
-    """Replaces ``model.train`` on one instance so that eval() swaps the averages in (bind_to_mode)."""
-
-    def __init__(self, ema: EMA, model: nn.Module) -> None:
-        self.ema = ema
-        self.model = model
-        self.original = model.train
-
-    def __call__(self, mode: bool = True) -> nn.Module:
-        result = self.original(mode)
-        if mode:
-            self.ema.use_trained()
-        else:
-            self.ema.use_averages()
-        return result
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        # a copy or pickle of the model is not bound to this EMA: it gets the plain method back
-        return (getattr, (self.model, "train"))  # the class's method, bound to the copy
-
-    def remove(self) -> None:
-        """Unbind: ``model.train`` is the module's own method again."""
-        if self.model.__dict__.get("train") is self:
-            del self.model.__dict__["train"]
-
-
-def _refuse_step_into_averages(ref: weakref.ref[EMA]) -> Callable[..., None]:
-    """An optimizer pre-hook, live while averages are swapped in: a step on the model's tensors
-    would write into the shadows themselves (they share storage), so it is refused."""
-
-    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        ema = ref()
-        if ema is None or ema._state != "swapped" or ema._swap_target is None:
-            return
-        held = {id(t) for t in ema._swap_target.values()}
-        if any(id(p) in held for group in optimizer.param_groups for p in group["params"]):
-            raise RuntimeError(
-                "optimizer.step() while the model holds the EMA's averages (inside "
-                "ema.swapped(), after ema.use_averages(), or in model.eval() mode after "
-                "ema.bind_to_mode(model)): the step would write into the averages themselves. "
-                "Leave the block, call ema.use_trained(), or model.train() before stepping."
-            )
-
-    return hook
 
 
 class LoadedSettingsWarning(UserWarning):
@@ -217,7 +133,7 @@ class EMA:
     def __init__(
         self,
         model: nn.Module | Iterable[tuple[str, torch.Tensor]],
-        decay: DecayLike = _DEFAULT_DECAY,
+        decay: DecayLike = DEFAULT_DECAY,
         *,
         rule: Rule | None = None,
         buffers: Literal["average", "copy", "none"] = "average",
@@ -231,46 +147,17 @@ class EMA:
         offload: Literal["cpu"] | None = None,
         capturable: bool = False,
     ) -> None:
-        if buffers not in BUFFER_POLICIES:
-            raise ValueError(f"buffers must be one of {BUFFER_POLICIES}, got buffers={buffers!r}.")
-        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
-            raise ValueError(
-                f"update_every must be a positive int, got update_every={update_every!r}; "
-                f"use 1 to average at every update() call."
-            )
-        if shadow_dtype is not None and (
-            not isinstance(shadow_dtype, torch.dtype) or not shadow_dtype.is_floating_point
-        ):
-            raise TypeError(
-                f"shadow_dtype must be a floating torch.dtype or None, got {shadow_dtype!r}; "
-                f"e.g. shadow_dtype=torch.float32."
-            )
-        if include is not None and not callable(include):
-            raise TypeError(f"include must be a predicate (name, tensor) -> bool, got {include!r}.")
-        if stream not in (None, "side"):
-            raise ValueError(f"stream must be None or 'side', got stream={stream!r}.")
-        if offload not in (None, "cpu"):
-            raise ValueError(f"offload must be None or 'cpu', got offload={offload!r}.")
-        if stream is not None and offload is not None:
-            raise ValueError(
-                "stream='side' and offload='cpu' cannot be combined: an offloaded update already "
-                "copies on a side stream. Pass one of them."
-            )
-        if capturable and (stream is not None or offload is not None):
-            raise ValueError(
-                "capturable=True runs the update in the caller's stream (inside a CUDA graph); "
-                "it cannot be combined with stream='side' or offload='cpu'."
-            )
-        if rule is None:
-            self.schedule = _as_schedule(decay)
-        else:
-            self.rule = _checked_rule(rule, decay)
-        if capturable and self.schedule is not None and not _takes_device_steps(self.schedule):
-            raise ValueError(
-                f"capturable=True evaluates the decay on the device, which a Python callable "
-                f"cannot do (got {self.schedule!r}); use a built-in schedule from polyak.schedules, "
-                f"e.g. polyak.schedules.tf_warmup(0.999)."
-            )
+        self.rule = _options.rule_from(
+            decay,
+            rule,
+            buffers=buffers,
+            update_every=update_every,
+            shadow_dtype=shadow_dtype,
+            include=include,
+            stream=stream,
+            offload=offload,
+            capturable=capturable,
+        )
         self.buffers = buffers
         self.update_every = update_every
         self.shadow_dtype = shadow_dtype
@@ -279,8 +166,6 @@ class EMA:
         self.stream = stream
         self.offload = offload
         self.capturable = capturable
-        self._step = 0
-        self._num_averages = 0
 
         if isinstance(model, nn.Module):
             self.model: nn.Module | None = unwrap(model)
@@ -289,14 +174,7 @@ class EMA:
             self.model = None
             named = named_pairs(model, include)
 
-        if capturable:
-            devices = sorted({str(t.device) for _, t, _ in named})
-            if len(devices) > 1:
-                raise ValueError(
-                    f"capturable=True keeps one step counter and decay on one device, but the "
-                    f"tracked tensors are on {devices}; track each device's tensors with an EMA "
-                    f"of its own, or leave capturable=False."
-                )
+        _options.check_tracked(named, capturable)
 
         # name -> live tensor (the Parameter/buffer object itself, so .data swaps are seen), in
         # model order; the shadows of every slot the rule keeps, by the store's dtype policy
@@ -305,37 +183,19 @@ class EMA:
             named, _state.rule_slots(self.rule), shadow_dtype=shadow_dtype, offload=offload
         )
         self._averaged, self._copied = self._store.averaged, self._store.copied
-        if not self._live:
-            raise ValueError(
-                "EMA found no tensor to track: the model has no trainable floating parameters "
-                "(or include= rejected them all). Check requires_grad and the include predicate."
-            )
-        if rounding == "stochastic":
-            wrong = [n for n in self._averaged if self._store.shadow(n).dtype != torch.bfloat16]
-            if wrong:
-                raise ValueError(
-                    f"rounding='stochastic' needs bf16 shadows, but {wrong[:5]} have "
-                    f"{dtype_name(self._store.shadow(wrong[0]).dtype)} shadows; pass "
-                    f"shadow_dtype=torch.bfloat16."
-                )
+        _options.check_rounding(rounding, {n: self._store.shadow(n) for n in self._averaged})
         self._kernel_request = kernel
         self.kernel = self._choose_kernel()
+        # the counters, and with capturable=True the rule's state, beside the tracked tensors
+        self._steps: HostSteps | DeviceSteps = HostSteps()
         if capturable:
             device = self._live[next(iter(self._live))].device
-            self._step_t = torch.zeros((), dtype=torch.int64, device=device)
-            self._num_t = torch.zeros((), dtype=torch.int64, device=device)
-            self._covered = _covered_offsets(update_every, device)
-            self.rule.map_state(lambda value: place_state(value, device))  # beside the step
+            self._steps = DeviceSteps(device, update_every, self.rule)
         self._engine: Policy | None = None
         self._plan()
 
-        self._state: Literal["swapped", "stored"] | None = None
-        # while the averages are in a model: what its tensors held, the tensors, and the model
-        self._backup = _placement.Backup()
-        self._swap_target: dict[str, torch.Tensor] | None = None
-        self._swap_model: nn.Module | None = None
-        self._mode_switch: _ModeSwitch | None = None
-        self._step_guard: Any = None
+        # seed 001: whether the model holds its own weights or the averages, and the way back
+        self._switch = Switch(self.model)
 
     # ------------------------------------------------------------------ tracking
 
@@ -424,37 +284,13 @@ class EMA:
     def _changes_to_follow(
         self, device: torch.device | None = None
     ) -> dict[str, tuple[torch.Tensor, str]]:
-        """The tracked tensors the model replaced or re-cast, checked to be followable: same
-        shape, and on the device planned (or on ``device``, where the EMA is being moved)."""
-        changes = self._watch.changes(self.model, self._live)
-        reshaped, moved = [], []
-        for name, (tensor, what) in changes.items():
-            if tensor is None or tensor.shape != self._store.shadow(name).shape:
-                reshaped.append(f"{name} {what}")
-            elif tensor.device not in (self._watch.planned[name][2], device):
-                moved.append((f"{name} {what}", str(tensor.device)))
-        if reshaped or moved:
-            problems = reshaped + [text for text, _ in moved]
-            fixes = []
-            if moved:
-                devices = sorted({d for _, d in moved})
-                where = repr(devices[0]) if len(devices) == 1 else "device"
-                fixes.append(f"after moving the model, move the EMA too: ema.to({where})")
-            if reshaped:
-                fixes.append(
-                    "after changing the model's architecture, build a new EMA on it (a checkpoint "
-                    "of the old one loads into a model of the old architecture)"
-                )
-            raise RuntimeError(
-                "the model no longer holds the tensors this EMA averages, and the EMA cannot "
-                "follow:\n  "
-                + "\n  ".join(problems[:10])
-                + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-                + "\nNothing was changed. To fix: "
-                + "; ".join(fixes)
-                + "."
-            )
-        return changes  # type: ignore[return-value]
+        """The tracked tensors the model replaced or re-cast, checked to be followable
+        (:func:`polyak._tracking.followable`; ``device``: where the EMA is being moved)."""
+        return _tracking.followable(self._watch, self.model, self._live, self._shapes(), device)
+
+    def _shapes(self) -> dict[str, torch.Size]:
+        """name -> the shape of its average, for every tracked name in model order."""
+        return {n: self._store.shadow(n).shape for n in self._live}
 
     def _follow(
         self, changes: Mapping[str, tuple[torch.Tensor, str]], replan: bool = False
@@ -475,26 +311,20 @@ class EMA:
     @property
     def step(self) -> int:
         """Calls of :meth:`update` so far (an int; read from the device when capturable)."""
-        return int(self._step_t.item()) if self.capturable else self._step
+        return self._steps.step
 
     @step.setter
     def step(self, value: int) -> None:
-        if self.capturable:
-            self._step_t.fill_(int(value))
-        else:
-            self._step = int(value)
+        self._steps.step = int(value)
 
     @property
     def num_averages(self) -> int:
         """Averaging updates so far: ``step // update_every``."""
-        return int(self._num_t.item()) if self.capturable else self._num_averages
+        return self._steps.num_averages
 
     @num_averages.setter
     def num_averages(self, value: int) -> None:
-        if self.capturable:
-            self._num_t.fill_(int(value))
-        else:
-            self._num_averages = int(value)
+        self._steps.num_averages = int(value)
 
     # ------------------------------------------------------------------ the update
 
@@ -516,19 +346,9 @@ class EMA:
         construction. With ``capturable=True`` the rule's same formulas run on the device
         (:class:`polyak.averagers.DeviceOps`).
         """
-        if self._state is not None:
-            where = (
-                "inside ema.swapped() / use_averages()"
-                if self._state == "swapped"
-                else "between ema.store() and ema.restore()"
-            )
-            raise RuntimeError(
-                f"ema.update() called {where}: the model holds the averages, and updating would "
-                f"average the averages with themselves. Leave the block (or call ema.restore() / "
-                f"ema.use_trained(), or model.train() after bind_to_mode) before updating."
-            )
+        self._switch.check_update()
         self._ensure_current()
-        if self.capturable:
+        if isinstance(self._steps, DeviceSteps):
             if not self._warm:
                 if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
                     raise RuntimeError(
@@ -541,58 +361,26 @@ class EMA:
             with torch.no_grad():
                 # an off-step is skipped on the device by the gate, not lerped by weight 0,
                 # which would let a NaN in the weights through (0 * nan = nan)
-                weights, gate = self._device_weights()
-                self._engine.run(weights, gate)
+                self._engine.run(*self._steps.tick(self.rule, self.update_every))
             return
-        self._step += 1
-        if self._step % self.update_every:
+        weights = self._steps.tick(self.rule, self.update_every)
+        if weights is None:
             return
-        weights = self.rule.weights(self._step - self.update_every + 1, self._step)
         with torch.no_grad():
             try:
                 self._engine.run(weights)
-            except RuntimeError as error:
-                changes = self._watch.changes(self.model, self._live)
-                if changes:  # changed in place where the cheap check did not look
-                    self._watch.dirty = True  # the next call follows them, or says why not
-                    raise RuntimeError(
-                        "ema.update() failed because the model's tensors changed since the EMA "
-                        "planned its update: "
-                        + "; ".join(f"{n} {what}" for n, (_, what) in list(changes.items())[:10])
-                        + ". Some shadows may already hold this update. The next ema.update() "
-                        "follows tensors of a new dtype; after moving the model to another "
-                        "device, call ema.to(device) first."
-                    ) from error
-                if "device" in str(error):
-                    raise RuntimeError(
-                        f"{error}\nThe model's tensors and the EMA's shadows are on different "
-                        f"devices: call ema.to(device) after moving the model."
-                    ) from error
-                raise
-        self.rule.advance(True)
-        self._num_averages += 1
+            except RuntimeError as error:  # say why, where the model's tensors explain it
+                explained = _tracking.failed_update(error, self._watch, self.model, self._live)
+                if explained is None:
+                    raise
+                raise explained from error
+        self._steps.averaged(self.rule)
         if self._bn_monitor is not None:
             if self.buffers == "none":
                 self._bn_monitor.note_update()
-            if self._num_averages in _BN_CHECKS or self._num_averages % 1000 == 0:
+            number = self._steps.num_averages
+            if number in _BN_CHECKS or number % 1000 == 0:
                 self._bn_monitor.check()
-
-    def _device_weights(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """This call's step on the device: ``step += 1``, the rule's weights (one 0-dim float64
-        tensor per slot, :class:`polyak.averagers.DeviceOps`) and the gate, a 0-dim bool tensor
-        that is True where this call is not an averaging update (``step % update_every != 0``).
-
-        The weights are evaluated at every call, off the averaging steps too (finite there: steps
-        that do not exist yet are evaluated at 1), and the rule's state advances where due.
-        """
-        self._step_t.add_(1)
-        last = self._step_t
-        ops = DeviceOps(self._covered)
-        weights = self.rule.weights(last - (self.update_every - 1), last, ops)
-        due = (last % self.update_every) == 0
-        self.rule.advance(due, ops)
-        self._num_t.add_(due)
-        return weights, due.logical_not()
 
     @property
     def decay(self) -> float:
@@ -644,7 +432,9 @@ class EMA:
         return self.rule.read(averages, self._live[name])
 
     def _values(self, slot: str | None = None) -> dict[str, torch.Tensor]:
-        """name -> :meth:`_value` for every tracked name, in model order."""
+        """name -> :meth:`_value` for every tracked name, in model order, once no update is
+        still writing the shadows."""
+        self._engine.wait()
         return {name: self._value(name, slot) for name in self._live}
 
     def _targets(self, model: nn.Module | None) -> dict[str, torch.Tensor]:
@@ -652,73 +442,14 @@ class EMA:
         if model is None or unwrap(model) is self.model:
             self._ensure_current()
             return self._live
-        model = unwrap(model)
-        available = dict(model.named_parameters(remove_duplicate=False))
-        available.update(model.named_buffers(remove_duplicate=False))
-        shapes = {n: self._store.shadow(n).shape for n in self._live}
-        missing = [n for n in shapes if n not in available]
-        wrong = [
-            f"{n}: model {tuple(available[n].shape)} vs average {tuple(shape)}"
-            for n, shape in shapes.items()
-            if n in available and available[n].shape != shape
-        ]
-        if missing or wrong:
-            raise ValueError(
-                "this EMA was built on another model: "
-                + (
-                    f"missing names {missing[:10]}{' ...' if len(missing) > 10 else ''}; "
-                    if missing
-                    else ""
-                )
-                + (f"shape mismatches {wrong[:10]}; " if wrong else "")
-                + "pass the model the EMA tracks, or one with the same architecture."
-            )
-        return {n: available[n] for n in shapes}
+        return _tracking.matched(unwrap(model), self._shapes())
 
-    # ------------------------------------------------------------------ swapping
-
-    def _check_idle(self, action: str) -> None:
-        if self._state is not None:
-            raise RuntimeError(
-                f"cannot {action}: the averages are already in the model "
-                f"({'swapped()/use_averages()' if self._state == 'swapped' else 'store()/copy_to()'}"
-                f"); nested use is not supported. Leave the first block (or call "
-                f"{'use_trained()' if self._state == 'swapped' else 'restore()'}) first."
-            )
-
-    def _enter(self, model: nn.Module | None) -> dict[str, torch.Tensor]:
-        """The tensors the averages go into (``_targets``), with FSDP2 modules resharded first
-        (:mod:`polyak._placement`): an unsharded root holds gathered copies, not its parameters."""
-        placed = unwrap(model) if model is not None else self.model
-        _placement.reshard(placed)
-        targets = self._targets(model)
-        self._swap_model = placed
-        return targets
-
-    def _leave(self) -> None:
-        """Back to idle: the model's own values are in it, and FSDP2 drops any gathered averages."""
-        _placement.take_back(self._backup)
-        _placement.reshard(self._swap_model)
-        self._swap_target = self._swap_model = None
-        self._state = None
+    # ------------------------------------------------------------------ swapping (polyak._switch)
 
     def _swap_in(self, model: nn.Module | None, slot: str | None) -> None:
+        self._warn_if_statistics_stale()
         self._check_slot(slot)
-        targets = self._enter(model)
-        self._engine.wait()
-        # zero-copy for plain tensors of the shadows' dtype (they view the shadows); cast copies
-        # for others; FSDP2 shards get the averages copied in, their own kept aside
-        _placement.put([(targets[n], v) for n, v in self._values(slot).items()], self._backup)
-        self._swap_target = targets
-        self._state = "swapped"
-        self._step_guard = register_optimizer_step_pre_hook(
-            _refuse_step_into_averages(weakref.ref(self))
-        )
-
-    def _swap_out(self) -> None:
-        self._leave()
-        self._step_guard.remove()
-        self._step_guard = None
+        self._switch.swap_in(model, lambda: self._targets(model), lambda: self._values(slot))
 
     @contextlib.contextmanager
     def swapped(
@@ -737,22 +468,19 @@ class EMA:
         come back also when the block raises. Do not train inside the block: it would write to the
         shadows.
         """
-        self._check_idle("enter ema.swapped()")
-        self._warn_if_statistics_stale()
+        self._switch.check_idle("enter ema.swapped()")
         self._swap_in(model, slot)
         try:
             yield model if model is not None else self.model
         finally:
-            self._swap_out()
+            self._switch.swap_out()
 
     def use_averages(self, slot: str | None = None) -> None:
         """Put the averages into the model (zero-copy swap); a no-op if they are already there.
         ``slot``: as in :meth:`swapped`."""
-        if self._state == "swapped":
-            return
-        self._check_idle("use_averages()")
-        self._warn_if_statistics_stale()
-        self._swap_in(None, slot)
+        if self._switch.state != "swapped":
+            self._switch.check_idle("use_averages()")
+            self._swap_in(None, slot)
 
     def _warn_if_statistics_stale(self) -> None:
         """With ``buffers="none"`` the averages run with the live BatchNorm statistics: say so
@@ -762,31 +490,15 @@ class EMA:
 
     def use_trained(self) -> None:
         """Put the trained weights back; a no-op if the model already holds them."""
-        if self._state == "swapped":
-            self._swap_out()
-        elif self._state == "stored":
-            self.restore()
+        self._switch.leave()
 
-    def bind_to_mode(self, model: nn.Module | None = None) -> _ModeSwitch:
+    def bind_to_mode(self, model: nn.Module | None = None) -> ModeSwitch:
         """After this, ``model.eval()`` swaps the averages in and ``model.train()`` swaps them out.
 
         The seed's ``is_training`` switch without a second graph. Returns a handle whose
         ``remove()`` unbinds. The current mode applies at once.
         """
-        target = unwrap(model) if model is not None else self.model
-        if target is None or target is not self.model:
-            raise ValueError(
-                "bind_to_mode needs the module this EMA tracks; build the EMA from the module "
-                "(polyak.EMA(model)) and pass that same module."
-            )
-        if self._mode_switch is not None:
-            return self._mode_switch
-        switch = _ModeSwitch(self, target)
-        target.__dict__["train"] = switch
-        self._mode_switch = switch
-        if not target.training:
-            self.use_averages()
-        return switch
+        return self._switch.bind(model, self.use_averages, self.use_trained)
 
     # ------------------------------------------------------------------ store / copy_to / restore
 
@@ -796,42 +508,18 @@ class EMA:
         A second ``store()`` before ``restore()`` keeps the first backup, so switching to the test
         weights twice can never overwrite the trained weights with the averages (seed 001).
         """
-        if self._state == "stored":
-            return
-        self._check_idle("store()")
-        targets = self._enter(model)
-        _placement.save(list(targets.values()), self._backup)
-        self._swap_target = targets
-        self._state = "stored"
+        self._switch.store(model, lambda: self._targets(model))
 
     def copy_to(self, model: nn.Module | None = None, *, slot: str | None = None) -> None:
         """Write the averages into the model's tensors in place (cast to their dtypes; FSDP2
         parameters: into each local shard, after resharding so the next forward gathers them).
         ``slot``: as in :meth:`swapped`."""
         self._check_slot(slot)
-        if self._state == "swapped":
-            raise RuntimeError(
-                "copy_to() inside swapped()/use_averages() would write the averages onto "
-                "themselves; call it outside the block."
-            )
-        if self._state == "stored" and model is None:
-            targets = self._swap_target
-            _placement.reshard(self._swap_model)
-        else:
-            _placement.reshard(unwrap(model) if model is not None else self.model)
-            targets = self._targets(model)
-        assert targets is not None
-        self._engine.wait()
-        _placement.write([(targets[n], v) for n, v in self._values(slot).items()])
+        self._switch.write(model, lambda: self._targets(model), lambda: self._values(slot))
 
     def restore(self) -> None:
         """Copy the weights backed up by :meth:`store` back into the model."""
-        if self._state != "stored":
-            raise RuntimeError(
-                "restore() without a backup: call ema.store() before ema.copy_to(), then "
-                "ema.restore() to get the trained weights back."
-            )
-        self._leave()
+        self._switch.restore()
 
     # ------------------------------------------------------------------ evaluation helpers
 
@@ -849,13 +537,7 @@ class EMA:
         """name -> average cast to the live tensor's dtype and device (``dtype`` overrides floats)."""
         self._check_slot(slot)
         self._ensure_current()
-        self._engine.wait()
-        out = {}
-        for name, shadow in self._values(slot).items():
-            live = self._live[name]
-            target = dtype if (dtype is not None and live.is_floating_point()) else live.dtype
-            out[name] = shadow.to(live.device, target)
-        return out
+        return _export.cast(self._values(slot), self._live, dtype)
 
     def functional_call(self, *args: Any, **kwargs: Any) -> Any:
         """Run the model's forward with the averages via ``torch.func.functional_call``.
@@ -866,27 +548,14 @@ class EMA:
         The model's mode applies as usual: call ``model.eval()`` first for inference behaviour.
         """
         model = self._require_model("functional_call()")
-        tensors = self._averaged_tensors()
-        for name, buffer in model.named_buffers(remove_duplicate=False):
-            tensors[name] = tensors.get(name, buffer).clone()
-        return torch.func.functional_call(
-            model, tensors, args, kwargs, tie_weights=True, strict=False
-        )
+        return _export.forward(model, self._averaged_tensors(), args, kwargs)
 
     def averaged_module(self, *, slot: str | None = None) -> nn.Module:
         """A standalone copy of the model holding the averages (``slot``: as in :meth:`swapped`),
         in eval mode."""
         self._check_slot(slot)
         model = self._require_model("averaged_module()")
-        clone = copy.deepcopy(model)
-        clone.__dict__.pop("train", None)  # never bound to this EMA's mode switch
-        tensors = dict(clone.named_parameters(remove_duplicate=False))
-        tensors.update(clone.named_buffers(remove_duplicate=False))
-        self._engine.wait()
-        with torch.no_grad():
-            for name, value in self._values(slot).items():
-                tensors[name].copy_(value)
-        return clone.eval()
+        return _export.averaged_copy(model, self._values(slot))
 
     def export_state_dict(
         self, dtype: torch.dtype | None = None, *, slot: str | None = None
@@ -898,19 +567,9 @@ class EMA:
         to ``dtype`` if given, else to the model's own dtypes. ``slot``: as in :meth:`swapped`.
         """
         model = self._require_model("export")
-        averaged = self._averaged_tensors(dtype, slot)
-        by_id = {id(self._live[n]): t for n, t in averaged.items()}
-        out: dict[str, torch.Tensor] = {}
-        casts: dict[int, torch.Tensor] = {}
-        for key, tensor in model.state_dict(keep_vars=True).items():
-            if id(tensor) in by_id:
-                out[key] = by_id[id(tensor)].detach()
-            else:
-                if dtype is not None and tensor.is_floating_point():
-                    # cast once per tensor so tied weights stay shared
-                    tensor = casts.setdefault(id(tensor), tensor.detach().to(dtype))
-                out[key] = tensor.detach()
-        return out
+        return _export.full_state_dict(
+            model, self._averaged_tensors(dtype, slot), self._live, dtype
+        )
 
     def save(
         self,
@@ -951,27 +610,17 @@ class EMA:
         :mod:`polyak._state`.
         """
         self._engine.wait()
-        shadows = {
-            slot: {n: self._store.shadow(n, slot).detach() for n in self._averaged}
-            for slot in self._store.slots
-        }
-        copies = {n: self._store.shadow(n).detach() for n in self._copied}
-        state = {
-            "format": _state.FORMAT,
-            "version": _state.VERSION,
-            "step": int(self.step),
-            "num_averages": int(self.num_averages),
-            "update_every": int(self.update_every),
-            "buffers": self.buffers,
-            "rule": _state.encode_rule(self.rule),
-            "shadows": shadows,
-            "copies": copies,
-            "shadow_dtypes": {n: dtype_name(self._store.shadow(n).dtype) for n in self._live},
-        }
         counter = self._rng_counter()
-        if counter is not None:
-            state["rng_counter"] = int(counter.item())
-        return state
+        return _state.write(
+            self._store,
+            self._live,
+            self.rule,
+            step=self.step,
+            num_averages=self.num_averages,
+            update_every=self.update_every,
+            buffers=self.buffers,
+            rng_counter=None if counter is None else int(counter.item()),
+        )
 
     def load_state_dict(
         self,
@@ -991,14 +640,9 @@ class EMA:
         keeps this EMA's and loads the averages and counters only (the rule's own state, such as
         a count, is a counter).
         """
-        self._check_idle("load a state dict")  # the shadows may be the model's weights right now
-        layout = _state.Layout(
-            rule=self.rule,
-            averaged={n: self._store.shadow(n) for n in self._averaged},
-            copied={n: self._store.shadow(n) for n in self._copied},
-            buffers=self.buffers,
-            update_every=self.update_every,
-        )
+        # the shadows may be the model's weights right now
+        self._switch.check_idle("load a state dict")
+        layout = _state.Layout.of(self._store, self.rule, self.buffers, self.update_every)
         plan = _state.parse(state, layout, settings=settings)
         # everything is valid: now change things
         if plan.changed:
@@ -1010,18 +654,13 @@ class EMA:
                 stacklevel=2,
             )
         self._engine.wait()
-        with torch.no_grad():
-            for slot, tensors in plan.shadows.items():  # every slot of the rule, checked by parse
-                for name, tensor in tensors.items():
-                    self._store.shadow(name, slot).copy_(tensor)
-            for name, tensor in plan.copies.items():
-                self._store.shadow(name).copy_(tensor)
+        plan.copy_into(self._store)
         self.step = plan.step
         self.num_averages = plan.num_averages
         if plan.update_every is not None:
             self.update_every = plan.update_every
-            if self.capturable:  # the steps one averaging update covers, for _device_weight
-                self._covered = _covered_offsets(self.update_every, self._step_t.device)
+            if isinstance(self._steps, DeviceSteps):  # the steps one averaging update covers
+                self._steps.cover(self.update_every)
         if plan.rule is not None:  # the checkpoint's settings (a capturable EMA whose rule keeps
             self.rule = plan.rule  # state must then place that state on the device, as __init__)
         if plan.rule_state is not None:
@@ -1037,7 +676,7 @@ class EMA:
         Call it after moving the model (``model.to(device); ema.to(device)``): tensors the move
         replaced are followed.
         """
-        self._check_idle("move the EMA")
+        self._switch.check_idle("move the EMA")
         if self.offload:
             raise ValueError(
                 "an EMA built with offload='cpu' keeps its shadows on the host; build one without "
@@ -1049,11 +688,8 @@ class EMA:
         changes = self._changes_to_follow(target)  # the model moved first
         self._engine.wait()
         self._store.to(device)  # keeps the objects where it can: average(name) callers hold them
-        if self.capturable:
-            self._step_t = self._step_t.to(device)
-            self._num_t = self._num_t.to(device)
-            self._covered = self._covered.to(device)
-            self.rule.map_state(lambda value: place_state(value, device))
+        if isinstance(self._steps, DeviceSteps):
+            self._steps.to(device, self.rule)
         self._follow(changes, replan=True)
         return self
 
@@ -1062,16 +698,11 @@ class EMA:
         on the model copies both, and the copy's EMA follows the copied model)."""
         clone = object.__new__(type(self))
         memo[id(self)] = clone
-        rebuilt = {"_engine", "_watch", "_bn_monitor", "_mode_switch", "_step_guard"}
+        rebuilt = {"_engine", "_watch", "_bn_monitor"}
         for key, value in self.__dict__.items():
             if key not in rebuilt:
-                clone.__dict__[key] = copy.deepcopy(value, memo)
+                clone.__dict__[key] = copy.deepcopy(value, memo)  # the switch copies itself
         clone._engine = None
-        clone._mode_switch = clone._step_guard = None
-        if clone._state == "swapped":
-            clone._step_guard = register_optimizer_step_pre_hook(
-                _refuse_step_into_averages(weakref.ref(clone))
-            )
         self._engine.wait()
         clone._plan(watch=False)  # a model being copied around this EMA is not filled in yet
         counter = self._rng_counter()
