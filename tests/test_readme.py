@@ -63,3 +63,24 @@ def test_several_averages_block_runs():
     ema = namespace["ema"]
     assert ema.slots == ("fast", "slow")
     assert torch.equal(evaluated[0], ema.average("fc.weight", slot="slow"))
+
+
+def test_posthoc_block_runs(tmp_path, monkeypatch):
+    import polyak
+
+    monkeypatch.chdir(tmp_path)
+    (block,) = [b for b in python_blocks() if "posthoc.PowerEMA" in b]
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def train_step(m):
+        opt.zero_grad()
+        m(torch.ones(4, 3)).square().mean().backward()
+        opt.step()
+
+    block = block.replace("snapshot_every=1000", "snapshot_every=10")
+    namespace = {"polyak": polyak, "model": model, "train_step": train_step, "steps": 95}
+    exec(compile(block, str(README), "exec"), namespace)
+    assert [s.step for s in polyak.posthoc.read_index(tmp_path / "ph")][-1] == 95
+    assert set(namespace["averaged"]) == {"0.weight", "0.bias"}
+    assert len(namespace["sweep"]) == 3
