@@ -89,7 +89,9 @@ class Mirror:
         online_devices = {t.device for t in named_state(online).values()}
         if module_devices == online_devices or not module_devices:
             return None
-        if module_devices == {torch.device("cpu")} and all(d.type == "cuda" for d in online_devices):
+        if module_devices == {torch.device("cpu")} and all(
+            d.type == "cuda" for d in online_devices
+        ):
             return "cpu"
         raise ValueError(
             f"the EMA copy is on {sorted(map(str, module_devices))} but the model on "

@@ -105,7 +105,9 @@ class ExponentialMovingAverage:
                     f"number of shadow parameters maintained by this ExponentialMovingAverage "
                     f"({len(self._own)}); pass the same parameters as at construction."
                 )
-        if self._ema is not None and any(a is not b for a, b in zip(tensors, self._bound, strict=True)):
+        if self._ema is not None and any(
+            a is not b for a, b in zip(tensors, self._bound, strict=True)
+        ):
             old = self._ema
             self._ema = self._build(tensors)
             transfer(old, self._ema)
@@ -243,5 +245,8 @@ class ExponentialMovingAverage:
                 for i, saved in enumerate(shadows):
                     self._ema.average(str(i)).copy_(saved)
         if collected is not None:
-            collected = [t.to(device=p.device, dtype=p.dtype) for t, p in zip(collected, self._own, strict=True)]
+            collected = [
+                t.to(device=p.device, dtype=p.dtype)
+                for t, p in zip(collected, self._own, strict=True)
+            ]
         self.collected_params = collected
