@@ -50,17 +50,19 @@ def inplace_lerp(
 class _Decay:
     """ema-pytorch's decay at step ``n`` (calls of ``update()`` before this one): 0 while
     ``n <= update_after_step`` (a copy), then the inverse-gamma warm-up of ``n - update_after_step``
-    clamped to ``[min_value, beta]``; 1 for a frozen EMA (``beta == 1``). Reads the EMA's
-    attributes at each call, as ema-pytorch does."""
+    clamped to ``[min_value, beta]``; for the engine (``frozen=True``) 1 for a frozen EMA
+    (``beta == 1``, which ema-pytorch skips). Reads the EMA's attributes at each call, as
+    ema-pytorch does."""
 
     ema: Any
+    frozen: bool = True
 
     def __call__(self, n: int) -> float:
         ema = self.ema
         epoch = n - ema.update_after_step
         if epoch <= 0:
             return 0.0
-        if ema.is_frozen:
+        if self.frozen and ema.is_frozen:
             return 1.0
         warmup = schedules.inverse_gamma(
             ema.inv_gamma, ema.power, max_decay=ema.beta, min_decay=ema.min_value
@@ -271,7 +273,7 @@ class EMA(nn.Module):
 
     def get_current_decay(self) -> float:
         """The decay of an update at the current ``step`` (ema-pytorch's, in double precision)."""
-        return _Decay(self)(self._calls - 1)
+        return _Decay(self, frozen=False)(self._calls - 1)
 
     def update(self) -> None:
         """Call after every optimizer step (see the class docstring for what each call does)."""
