@@ -4,6 +4,9 @@
 appended to that file the moment the test ends. The GPU checks (``bench/gpu_checks.sh tests``) set
 it: a device call stopped at its time limit returns the failures seen so far, which pytest's own
 summary (printed only at the end) would have lost.
+
+``@pytest.mark.slow``: long variants (many fuzz cases, fault-injection trials, soak runs), skipped
+unless ``--runslow`` is given or ``POLYAK_SLOW=1`` is set; CI runs the fast variants.
 """
 
 from __future__ import annotations
@@ -14,6 +17,23 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a long variant, run with --runslow or POLYAK_SLOW=1")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--runslow") or os.environ.get("POLYAK_SLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow or POLYAK_SLOW=1")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
