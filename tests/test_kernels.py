@@ -512,6 +512,50 @@ def test_reference_stochastic_path_draws_the_same_bits_as_fused():
     assert (a[0] != b[0]).double().mean().item() < 1e-3
 
 
+def shard_plans(kernel: str):
+    """Two ranks' stochastic updates of their rows of a (6, 4) and a (6,) tensor, two slots, and
+    the update of the full tensors: ``(full slots, full update, [(rank slots, rank update)])``."""
+    gen = torch.Generator().manual_seed(3)
+    full = [torch.randn(6, 4, generator=gen), torch.randn(6, generator=gen)]
+    targets = [t + 1e-3 * torch.randn(t.shape, generator=gen) for t in full]
+    whole = [[t.bfloat16() for t in full] for _ in range(2)]
+    update = _kernels.build(kernel, whole, targets, rounding="stochastic", seed=4)
+    ranks = []
+    for rows in (slice(0, 3), slice(3, 6)):
+        slots = [[full[0][rows].bfloat16(), full[1][rows].bfloat16()] for _ in range(2)]
+        positions = [(24, rows.start * 4), (6, rows.start)]
+        sources = [targets[0][rows], targets[1][rows]]
+        kwargs = {"rounding": "stochastic", "seed": 4, "positions": positions}
+        ranks.append((slots, _kernels.build(kernel, slots, sources, **kwargs)))
+    return whole, update, ranks
+
+
+def test_stochastic_shards_draw_their_full_tensors_bits():
+    """Shards updated apart (FSDP2's ranks, each its rows of every tensor), placed by
+    ``positions`` (full numel, start of the block), round bit for bit as the full tensors updated
+    at once, two slots included; without positions every rank would draw the first rows' bits."""
+    whole, update, ranks = shard_plans("reference")
+    for _ in range(3):
+        update.lerp_([0.3, 0.1])
+        for _, shard_update in ranks:
+            shard_update.lerp_([0.3, 0.1])
+    for k in range(2):
+        for i in range(2):
+            gathered = torch.cat([ranks[0][0][k][i], ranks[1][0][k][i]])
+            assert torch.equal(gathered.view(torch.int16), whole[k][i].view(torch.int16)), (k, i)
+
+
+def test_fused_plans_the_shards_stream_offsets():
+    """The fused kernel keeps the reference's stream offsets for shards (checked on the plan: the
+    compiled update draws at the offsets it is given, see test_fused)."""
+    # rank r's rows start at 12r of the (6, 4) tensor and 3r of the (6,) one, which starts at 24;
+    # slot 1 is shifted by one slot's 30 elements
+    expected = [[[0, 24], [30, 54]], [[12, 27], [42, 57]]]
+    for plans in (shard_plans("reference")[2], shard_plans("fused")[2]):
+        offsets = [update.offsets for _, update in plans]
+        assert offsets in (expected, [[e] for e in expected])  # fused: per (device, dtype) group
+
+
 def test_stochastic_bf16_shadows_track_float64_over_2000_steps():
     """E[shadow] follows the float64 EMA: bias < 1% of the drift, where nearest rounding stalls."""
     n, steps, decay = 1 << 16, 2000, 0.999

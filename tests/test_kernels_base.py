@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from polyak import _kernels
-from polyak._kernels._base import SlotState, as_slots, as_weights, slot_offsets
+from polyak._kernels._base import SlotState, as_slots, as_weights
+from polyak._kernels._stochastic import stream_offsets
 
 KERNELS = ["reference", "foreach"]
 
@@ -38,8 +39,19 @@ def test_as_weights():
 
 def test_slot_offsets_shift_each_slot_by_one_slots_elements():
     slots = [[torch.zeros(3), torch.zeros(2, 2), torch.zeros(())] for _ in range(3)]
-    assert slot_offsets(slots) == [[0, 3, 7], [8, 11, 15], [16, 19, 23]]
-    assert slot_offsets([[]]) == [[]]
+    assert [stream_offsets(slots[0], k) for k in range(3)] == [[0, 3, 7], [8, 11, 15], [16, 19, 23]]
+    assert stream_offsets([], 0) == []
+
+
+def test_stream_offsets_place_shards_at_their_full_tensors_positions():
+    """Shards (local blocks, ``positions[i] = (full numel, block start)``) start at their block's
+    place in their full tensor, and the tensors after them after the full tensor: a (4, 3) tensor
+    whose rank holds rows 2-3 (start 6), then a (5,) tensor held whole."""
+    shard, whole = torch.zeros(2, 3), torch.zeros(5)
+    assert stream_offsets([shard, whole], 0, [(12, 6), (5, 0)]) == [6, 12]
+    assert stream_offsets([shard, whole], 2, [(12, 6), (5, 0)]) == [40, 46]  # shifted by 2 * 17
+    with pytest.raises(ValueError, match="expected one \\(numel, start\\) per shadow, 2, got 1"):
+        stream_offsets([shard, whole], 0, [(12, 6)])
 
 
 def test_slot_state_keeps_one_weight_per_slot():

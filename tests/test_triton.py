@@ -599,3 +599,13 @@ def test_kernel_compiles_for_hopper_with_128_bit_accesses(tmp_path):
         assert counts[many]["st128"] == n * per_slot, (many, counts[many])
         assert counts[many]["ld128"] == counts[one]["ld128"] + (n - 1) * per_slot, counts[many]
         assert counts[one]["ld128"] > per_slot  # the source's loads, counted once
+
+
+def test_shards_stream_offsets_are_planned_from_their_positions():
+    """Shards of a tensor (FSDP2's ranks) draw the stream at their full tensors' positions: the
+    [tensor][slot] table holds those of ``tests.test_kernels.shard_plans`` (rank r's rows start at
+    12r of a (6, 4) tensor and 3r of a (6,) one that starts at 24; slot 1 30 elements on)."""
+    from tests.test_kernels import shard_plans
+
+    tables = [update.groups[0].stream_starts.tolist() for _, update in shard_plans("triton")[2]]
+    assert tables == [[0, 30, 24, 54], [12, 42, 27, 57]]

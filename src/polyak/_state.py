@@ -47,7 +47,7 @@ from typing import Any, Literal
 import torch
 
 from polyak import schedules
-from polyak._store import ShadowStore
+from polyak._store import ShadowStore, assign
 from polyak._tracking import dtype_name
 
 __all__ = [
@@ -306,13 +306,14 @@ class Plan:
 
     def copy_into(self, store: ShadowStore) -> None:
         """Copy the checked shadows (every slot of the rule) and copies into ``store``'s, in
-        place (objects that ``average(name)`` callers hold stay theirs)."""
+        place (objects that ``average(name)`` callers hold stay theirs). Plain tensors load into
+        sharded (DTensor) shadows and the reverse (:func:`polyak._store.assign`)."""
         with torch.no_grad():
             for slot, tensors in self.shadows.items():
                 for name, tensor in tensors.items():
-                    store.shadow(name, slot).copy_(tensor)
+                    assign(store.shadow(name, slot), tensor)
             for name, tensor in self.copies.items():
-                store.shadow(name).copy_(tensor)
+                assign(store.shadow(name), tensor)
 
 
 def _names(kind: str, names: list[str]) -> str:

@@ -9,9 +9,14 @@ else their own, except bf16/fp16, which get fp32 (a bf16 shadow cannot move by l
 ulp, 2**-9 of its value, so a slow average stalls). Offloaded shadows live in host memory, pinned
 when their tensor is on CUDA.
 
-A DTensor parameter (FSDP2) gets a DTensor shadow with its placements, which is what users read;
-the kernels get :meth:`ShadowStore.local` views (the local shard), so an update never dispatches
-through DTensor.
+A DTensor parameter (FSDP2, tensor or expert parallel, HSDP) gets a DTensor shadow with exactly
+its placements, which is what users read; the kernels get local views (the local shard, made once
+when an update is planned: ``to_local()`` per tensor per update would cost about ten times the
+update), so an update never dispatches through DTensor and never communicates. Each rank's shadows
+then take its parameters' local shards' bytes: the full shadow divided by the shards.
+:func:`shard_start` says where a local shard's elements sit among the full tensor's, so that the
+stochastic-rounding stream draws distinct bits for distinct elements on every rank, and the same
+bits for replicas of one shard.
 
 With several slots, a plain tensor's shadows are the rows of one ``(N, *shape)`` tensor (each row
 laid out like the tensor), so a kernel can update all of a weight's averages in one op that reads
@@ -22,6 +27,7 @@ together; every slot's shadow stays its own tensor object for users (``average(n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -38,6 +44,58 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     with torch.no_grad():
         return to_local()
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is a DTensor (a DTensor's local shard, ``to_local``, is what kernels see)."""
+    return hasattr(tensor, "to_local")
+
+
+def shard_start(tensor: torch.Tensor) -> int:
+    """Where this rank's local block of ``tensor`` starts among the full tensor's elements.
+
+    The shards of a DTensor tile the full tensor in blocks: a local block of shape
+    :math:`(l_0, \\dots, l_{D-1})` at global offset :math:`(o_0, \\dots, o_{D-1})`. Counting
+    blocks in row-major order of their offsets, the elements of the blocks before this one are
+
+    .. math:: \\mathrm{start} = \\sum_{d} \\Big(\\prod_{e<d} l_e\\Big)\\, o_d
+              \\prod_{e>d} n_e
+
+    for the full shape :math:`(n_0, \\dots)`: term ``d`` counts the blocks that share this
+    one's index ranges in the dimensions before ``d`` and come before it in dimension ``d``
+    (:math:`l_e` indices in each earlier dimension, :math:`o_d` in ``d``, all :math:`n_e` in each
+    later one). So the ranges ``[start, start + local numel)`` of the distinct shards partition ``[0, numel)``,
+    replicas of one shard (``Replicate()`` mesh dimensions, HSDP) get the same range, and for
+    ``Shard(0)`` (FSDP2) ``start`` is the shard's first element's index in the flattened full
+    tensor, so ``start + i`` is local element ``i``'s. ``0`` for a plain tensor.
+    """
+    if not is_dtensor(tensor):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    full = tuple(tensor.shape)
+    shape, offset = compute_local_shape_and_global_offset(
+        full, tensor.device_mesh, tensor.placements
+    )
+    return sum(
+        math.prod(shape[:d]) * offset[d] * math.prod(full[d + 1 :]) for d in range(len(full))
+    )
+
+
+def assign(shadow: torch.Tensor, value: torch.Tensor) -> None:
+    """``shadow.copy_(value)`` across layouts: a plain (full) value into a DTensor shadow copies
+    the shadow's block of it (every rank holds the full value: nothing is sent), a DTensor value
+    into a plain shadow gathers it (a collective). For loading a plain checkpoint into sharded
+    shadows and a sharded one into plain shadows."""
+    if is_dtensor(shadow) and not is_dtensor(value):
+        from torch.distributed.tensor import distribute_tensor
+
+        block = distribute_tensor(value, shadow.device_mesh, shadow.placements, src_data_rank=None)
+        local(shadow).copy_(local(block))
+    elif is_dtensor(value) and not is_dtensor(shadow):
+        shadow.copy_(value.full_tensor())
+    else:
+        shadow.copy_(value)
 
 
 class ShadowStore:
@@ -91,10 +149,26 @@ class ShadowStore:
         return torch.float32 if tensor.dtype in LOW_PRECISION else tensor.dtype
 
     def placed(self, shadow: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
-        """``shadow`` where it lives: beside its tensor, or in (pinned) host memory if offloaded."""
-        if self.offload == "cpu":
-            return shadow.cpu().pin_memory() if tensor.is_cuda else shadow.cpu()
-        return shadow
+        """``shadow`` where it lives: beside its tensor, or in host memory if offloaded, pinned
+        when ``tensor`` is on CUDA (asynchronous copies; a CPU-only machine cannot pin). An
+        offloaded DTensor shadow keeps its mesh and placements over a host local shard, as FSDP2's
+        own ``CPUOffloadPolicy`` keeps its parameters."""
+        if self.offload != "cpu":
+            return shadow
+        shard = local(shadow).cpu()
+        if tensor.is_cuda:
+            shard = shard.pin_memory()
+        if not is_dtensor(shadow):
+            return shard
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            shard,
+            shadow.device_mesh,
+            shadow.placements,
+            shape=shadow.shape,
+            stride=shadow.stride(),
+        )
 
     def make(self, tensor: torch.Tensor, kind: str) -> torch.Tensor:
         """A new shadow of ``tensor``: its value, in the policy's dtype, where shadows live."""
@@ -106,7 +180,7 @@ class ShadowStore:
         row laid out as :meth:`make` lays out a shadow; ``None`` for one slot, an empty tensor or
         a DTensor (whose shadows keep their placements)."""
         n = len(self.slots)
-        if n == 1 or tensor.numel() == 0 or hasattr(tensor, "to_local"):
+        if n == 1 or tensor.numel() == 0 or is_dtensor(tensor):
             return None
         value = tensor.detach()
         where = torch.device("cpu") if self.offload == "cpu" else value.device
@@ -172,6 +246,13 @@ class ShadowStore:
     def copy_list(self) -> list[torch.Tensor]:
         """The copied shadows as the kernels take them (local shards)."""
         return [local(self._copies[n]) for n in self.copied]
+
+    def positions(self) -> list[tuple[int, int]]:
+        """Per averaged name, where its local shadow sits in the full tensor: ``(numel of the
+        full tensor, start of the local block)`` (:func:`shard_start`; ``(numel, 0)`` unsharded),
+        for the stochastic-rounding stream."""
+        first = self._shadows[self.slots[0]]
+        return [(first[n].numel(), shard_start(first[n])) for n in self.averaged]
 
     # ------------------------------------------------------------------ changing
 

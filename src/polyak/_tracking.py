@@ -15,7 +15,12 @@ with the number of parameters:
   each tracked buffer is checked for identity against its owner's ``_buffers`` entry (~50 ns a
   buffer: ResNet-50 has 160), which also covers buffers assigned anew;
 - a whole-model conversion keeps the parameter objects and changes them in place: the first tensor
-  of each (kind, dtype, device) group is checked for dtype, device and identity.
+  of each (kind, dtype, device) group is checked for dtype, device and identity;
+- a DTensor (FSDP2) parameter is averaged through its local shard, a view the update plans once
+  (``to_local()`` per update costs ten times the update). FSDP2 replaces that view in place of
+  the parameter (re-padding it at its lazy initialisation after ``load_state_dict(...,
+  assign=True)``, or after ``model.to(...)``), so each DTensor's local tensor is checked for
+  identity (~30 ns a tensor).
 
 A partial in-place conversion (``model.fc.half()`` alone, in a model without buffers there) is
 caught by the kernel's own dtype check; the EMA then asks :meth:`Watch.changes` what happened and
@@ -180,6 +185,8 @@ class Watch:
             groups.setdefault(key, name)
         firsts = set(groups.values())
         self.sentinels = [(live[n], live[n].dtype, live[n].device) for n in firsts]
+        # DTensors and the local shards the update was planned with
+        self.shards = [(t, t._local_tensor) for t in live.values() if hasattr(t, "_local_tensor")]
         if model is not None:
             for name, tensor in live.items():
                 if isinstance(tensor, nn.Parameter) and name not in firsts:
@@ -201,7 +208,7 @@ class Watch:
         for tensor, dtype, device in self.sentinels:
             if tensor.dtype is not dtype or tensor.device != device:
                 return True
-        return False
+        return any(tensor._local_tensor is not shard for tensor, shard in self.shards)
 
     def changes(
         self, model: nn.Module | None, live: dict[str, torch.Tensor]
@@ -222,6 +229,8 @@ class Watch:
             what = []
             if tensor is not old:
                 what.append("was replaced by another tensor object")
+            elif any(t is old and t._local_tensor is not shard for t, shard in self.shards):
+                what.append("got a new local shard (FSDP2 re-allocated it)")
             if tensor.shape != shape:
                 what.append(f"changed shape from {tuple(shape)} to {tuple(tensor.shape)}")
             if tensor.dtype != dtype:

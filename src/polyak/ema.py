@@ -25,8 +25,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from polyak import _export, _kernels, _options, _state, _tracking
-from polyak._kernels._engine import Policy
+from polyak import _export, _kernels, _options, _placement, _state, _tracking
+from polyak._kernels._engine import Policy, optimizer_owned
 from polyak._options import DEFAULT_DECAY, DecayLike
 from polyak._steps import DeviceSteps, HostSteps
 from polyak._store import ShadowStore, local
@@ -214,7 +214,7 @@ class EMA:
         """The live tensors of ``names`` as the kernels take them: DTensors (FSDP2) as their local
         shards, which is all a rank updates (an elementwise lerp needs no communication) and which
         every kernel, compiled ones included, handles as plain tensors (the store hands the
-        shadows over the same way)."""
+        shadows over the same way). Made once per plan: the watch notices a replaced shard."""
         return [local(self._live[n]) for n in names]
 
     def _plan(self, watch: bool = True) -> None:
@@ -230,11 +230,17 @@ class EMA:
             self.kernel = self._choose_kernel()
         self._warm = False  # whether the new plan ran once (it compiles then): not in a capture
         self._engine = _kernels.Engine(
-            _kernels.builder(self.kernel, rounding=self.rounding, seed=self.seed),
+            _kernels.builder(
+                self.kernel,
+                rounding=self.rounding,
+                seed=self.seed,
+                positions=self._store.positions() if self.rounding == "stochastic" else None,
+            ),
             _kernels.builder("foreach" if self.kernel in ("fused", "triton") else self.kernel),
             (self._store.slot_lists(), self._sources(self._averaged)),
             (self._store.copy_list(), self._sources(self._copied)),
             policy,
+            owned=[optimizer_owned(self._live[n]) for n in self._averaged + self._copied],
         )
         if counter is not None:
             self._set_rng_counter(counter)
@@ -285,7 +291,12 @@ class EMA:
         self, device: torch.device | None = None
     ) -> dict[str, tuple[torch.Tensor, str]]:
         """The tracked tensors the model replaced or re-cast, checked to be followable
-        (:func:`polyak._tracking.followable`; ``device``: where the EMA is being moved)."""
+        (:func:`polyak._tracking.followable`; ``device``: where the EMA is being moved).
+
+        FSDP2 modules are resharded first: a root module keeps its gathered (plain) parameters
+        after a forward pass without gradients, which are not the tensors the EMA averages.
+        """
+        _placement.reshard(self.model)
         return _tracking.followable(self._watch, self.model, self._live, self._shapes(), device)
 
     def _shapes(self) -> dict[str, torch.Size]:
@@ -546,9 +557,37 @@ class EMA:
         BatchNorm layer in train mode writes its running statistics in place, which would
         otherwise land in the averaged statistics, or with ``buffers="none"`` in the model's).
         The model's mode applies as usual: call ``model.eval()`` first for inference behaviour.
+
+        FSDP2 (DTensor parameters): ``torch.func.functional_call`` cannot run such a model (after
+        the first forward FSDP2 gathers the parameters from its own shards and silently ignores
+        the tensors given, or the forward fails on mixed Tensor and DTensor arguments), so the
+        averages are copied into each parameter's local shard, the forward runs (FSDP2 gathers
+        them as usual) and the shards get their own values back, bit for bit, as in
+        :meth:`swapped`. The forward then runs without gradients (a backward pass would gather the
+        trained weights again), and like :meth:`swapped` it needs the model idle.
         """
         model = self._require_model("functional_call()")
+        if any(_placement.in_place(t) for t in self._live.values()):
+            return self._sharded_forward(args, kwargs)
         return _export.forward(model, self._averaged_tensors(), args, kwargs)
+
+    def _sharded_forward(self, args: Any, kwargs: Any) -> Any:
+        """:meth:`functional_call` of an FSDP2 model: the averages in the shards for one forward,
+        buffers as copies (a train-mode BatchNorm writes into the copies, not into the shadows)."""
+        self._switch.check_idle("run ema.functional_call()")
+        buffers = {n for n, _ in self.model.named_buffers(remove_duplicate=False)}
+
+        def values() -> dict[str, torch.Tensor]:
+            out = self._values()
+            with torch.no_grad():
+                return {n: (v.clone() if n in buffers else v) for n, v in out.items()}
+
+        self._switch.swap_in(None, lambda: self._targets(None), values)
+        try:
+            with torch.no_grad():
+                return self.model(*args, **kwargs)
+        finally:
+            self._switch.swap_out()
 
     def averaged_module(self, *, slot: str | None = None) -> nn.Module:
         """A standalone copy of the model holding the averages (``slot``: as in :meth:`swapped`),

@@ -158,12 +158,15 @@ def build(
     *,
     rounding: str = "nearest",
     seed: int = 0,
+    positions: Sequence[tuple[int, int]] | None = None,
 ) -> Update:
     """Plan the update of ``shadows`` from ``sources`` with the named kernel.
 
     ``shadows``: one slot's shadows (a list of tensors, one per source) or N slots' (a list of N
     such lists, :func:`~polyak._kernels._base.as_slots`); ``update.lerp_([w_0, ..., w_{N-1}])``
-    then averages ``sources`` into every slot in one update.
+    then averages ``sources`` into every slot in one update. ``positions``: where each shadow's
+    elements sit in its full tensor when the shadows are shards, ``(full numel, start)``, which
+    places stochastic rounding's random stream (:func:`~polyak._kernels._stochastic.stream_offsets`).
     """
     if kernel == "triton" and KERNELS["triton"] is None:
         from polyak._kernels._triton import TritonUpdate
@@ -172,11 +175,17 @@ def build(
     slots = as_slots(shadows)
     check_slots(slots, sources)
     stochastic = rounding == "stochastic"
-    return KERNELS[kernel](slots, list(sources), stochastic=stochastic, seed=seed)
+    return KERNELS[kernel](
+        slots, list(sources), stochastic=stochastic, seed=seed, positions=positions
+    )
 
 
 def builder(
-    kernel: str, *, rounding: str = "nearest", seed: int = 0
+    kernel: str,
+    *,
+    rounding: str = "nearest",
+    seed: int = 0,
+    positions: Sequence[tuple[int, int]] | None = None,
 ) -> Callable[[list[torch.Tensor], list[torch.Tensor]], Update]:
     """``build`` with the kernel and rounding fixed: what :class:`Engine` calls per tensor set."""
-    return functools.partial(build, kernel, rounding=rounding, seed=seed)
+    return functools.partial(build, kernel, rounding=rounding, seed=seed, positions=positions)

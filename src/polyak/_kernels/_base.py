@@ -63,26 +63,6 @@ def lerp_in_compute_dtype(
     return torch.lerp(shadow.to(c), source.to(shadow.dtype).to(c), weight.to(c))
 
 
-def segment_offsets(shadows: Sequence[torch.Tensor]) -> list[int]:
-    """The start of each tensor in the concatenation of all of them (random-stream positions)."""
-    offsets, total = [], 0
-    for shadow in shadows:
-        offsets.append(total)
-        total += shadow.numel()
-    return offsets
-
-
-def slot_offsets(slots: Sequence[Sequence[torch.Tensor]]) -> list[list[int]]:
-    """Random-stream starts per slot: ``offsets[k][i] = k * T + segment_offsets(slots[0])[i]``.
-
-    ``T`` is the element count of one slot: the slots draw consecutive stretches of the stream, as
-    if all slots were one concatenated list, so slot 0 draws exactly a one-slot update's bits.
-    """
-    flat = segment_offsets([shadow for slot in slots for shadow in slot])
-    width = len(slots[0]) if slots else 0
-    return [flat[k * width : (k + 1) * width] for k in range(len(slots))]
-
-
 def as_slots(
     shadows: Sequence[torch.Tensor] | Sequence[Sequence[torch.Tensor]],
 ) -> list[list[torch.Tensor]]:

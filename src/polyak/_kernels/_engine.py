@@ -14,8 +14,9 @@ under one execution policy, each a class of its own (:func:`Engine` picks one by
   multi-tensor update. At most one update is in flight: the next call first waits for the previous
   one (bounded staleness), and reads of the shadows wait too.
 
-Only an optimizer writes an ``nn.Parameter`` between two updates, and ``optimizer.step()`` waits;
-the next forward pass writes buffers (BatchNorm's running statistics) while a side stream could
+Only an optimizer writes an ``nn.Parameter`` between two updates (:func:`optimizer_owned`; the
+engine is told which sources are, since it sees DTensors' local shards, plain tensors), and
+``optimizer.step()`` waits; the next forward pass writes buffers (BatchNorm's running statistics) while a side stream could
 still be reading them. So under ``side`` and ``offload`` every tracked tensor that is not an
 ``nn.Parameter`` is first copied on the caller's stream, in order with that forward pass: into a
 device snapshot that the side stream reads (``side``), or straight into its pinned staging buffer
@@ -30,7 +31,7 @@ runs: on the side stream after it waited for the caller's, or staged to the host
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -41,13 +42,19 @@ from polyak._kernels._base import Update
 POLICIES = ("inline", "side", "offload")
 
 
-def _optimizer_owned(tensor: torch.Tensor) -> bool:
-    """Whether only an optimizer writes ``tensor`` between updates (an ``nn.Parameter``)."""
+def optimizer_owned(tensor: torch.Tensor) -> bool:
+    """Whether only an optimizer writes ``tensor`` between updates: an ``nn.Parameter``, a
+    sharded (DTensor) one included, whose local shard the optimizer alone writes too.
+
+    Ask it of the tracked tensor itself, not of the local view a kernel reads: a DTensor's local
+    shard is a plain tensor, never a Parameter. The EMA passes :class:`Engine` these flags.
+    """
     return isinstance(tensor, torch.nn.Parameter)
 
 
 Planner = Callable[[list[torch.Tensor], list[torch.Tensor]], Update]
 Pairs = tuple[list[torch.Tensor], list[torch.Tensor]]
+Owned = Sequence[bool] | None  # per source (averaged, then copied): written by an optimizer only
 Weights = Any  # float | Tensor | Sequence[float | Tensor]: one per slot (see Update.lerp_)
 
 
@@ -63,7 +70,9 @@ class Inline:
 
     policy = "inline"
 
-    def __init__(self, build_avg: Planner, build_copy: Planner, avg: Pairs, copy: Pairs) -> None:
+    def __init__(
+        self, build_avg: Planner, build_copy: Planner, avg: Pairs, copy: Pairs, owned: Owned = None
+    ) -> None:
         self.avg, self.copy = build_avg(*avg), build_copy(*copy)
 
     def run(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
@@ -106,7 +115,9 @@ class SideStream(_WaitsBeforeStep):
 
     policy = "side"
 
-    def __init__(self, build_avg: Planner, build_copy: Planner, avg: Pairs, copy: Pairs) -> None:
+    def __init__(
+        self, build_avg: Planner, build_copy: Planner, avg: Pairs, copy: Pairs, owned: Owned = None
+    ) -> None:
         sources = avg[1] + copy[1]
         if not (sources and all(t.is_cuda for t in sources)):
             raise ValueError(
@@ -115,7 +126,8 @@ class SideStream(_WaitsBeforeStep):
             )
         self.stream = torch.cuda.Stream(device=sources[0].device)
         self._event = torch.cuda.Event()
-        self.snap_src = [t for t in sources if not _optimizer_owned(t)]
+        flags = _owned(sources, owned)
+        self.snap_src = [t for t, mine in zip(sources, flags, strict=True) if not mine]
         self.snap_dst = [torch.empty_like(t) for t in self.snap_src]
         read = {id(t): s for t, s in zip(self.snap_src, self.snap_dst, strict=True)}
         avg = (avg[0], [read.get(id(t), t) for t in avg[1]])
@@ -143,7 +155,9 @@ class Offload(_WaitsBeforeStep):
 
     policy = "offload"
 
-    def __init__(self, build_avg: Planner, build_copy: Planner, avg: Pairs, copy: Pairs) -> None:
+    def __init__(
+        self, build_avg: Planner, build_copy: Planner, avg: Pairs, copy: Pairs, owned: Owned = None
+    ) -> None:
         sources = avg[1] + copy[1]
         cuda = bool(sources) and all(t.is_cuda for t in sources)
         self.stream = torch.cuda.Stream(device=sources[0].device) if cuda else None
@@ -155,10 +169,10 @@ class Offload(_WaitsBeforeStep):
         self.staging: list[torch.Tensor] = []
         self.snap_src: list[torch.Tensor] = []
         self.snap_dst: list[torch.Tensor] = []
-        for source, stage in zip(sources, staged, strict=True):
-            owned = _optimizer_owned(source) or not cuda
-            (self.sources if owned else self.snap_src).append(source)
-            (self.staging if owned else self.snap_dst).append(stage)
+        for source, stage, mine in zip(sources, staged, _owned(sources, owned), strict=True):
+            direct = mine or not cuda
+            (self.sources if direct else self.snap_src).append(source)
+            (self.staging if direct else self.snap_dst).append(stage)
         n = len(avg[1])
         self.avg, self.copy = build_avg(avg[0], staged[:n]), build_copy(copy[0], staged[n:])
         self._gate: torch.Tensor | None = None  # the gate's host copy, made at the first gate
@@ -224,9 +238,27 @@ def Engine(
     avg: Pairs,
     copy: Pairs,
     policy: str = "inline",
+    owned: Owned = None,
 ) -> Policy:
     """Plan the averaged and copied updates under the named execution policy (a factory keeping
-    the name callers used when the engine was one class)."""
+    the name callers used when the engine was one class).
+
+    ``owned``: per source (the averaged ones, then the copied ones), whether only an optimizer
+    writes it (:func:`optimizer_owned` of the tracked tensor); by default asked of the sources
+    themselves, which is right only where they are the tracked tensors (not DTensor local shards).
+    """
     if policy not in POLICIES:
         raise ValueError(f"unknown execution policy {policy!r}; expected one of {POLICIES}.")
-    return _POLICY_CLASSES[policy](build_avg, build_copy, avg, copy)
+    return _POLICY_CLASSES[policy](build_avg, build_copy, avg, copy, owned)
+
+
+def _owned(sources: list[torch.Tensor], owned: Owned) -> list[bool]:
+    """The flags given, checked against the sources, or :func:`optimizer_owned` of each."""
+    if owned is None:
+        return [optimizer_owned(t) for t in sources]
+    if len(owned) != len(sources):
+        raise ValueError(
+            f"owned: expected one flag per source ({len(sources)}: averaged, then copied), got "
+            f"{len(owned)}."
+        )
+    return list(owned)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from polyak._kernels._base import (
@@ -382,6 +384,7 @@ class ForeachUpdate:
         *,
         stochastic: bool = False,
         seed: int = 0,
+        positions: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         if stochastic:
             raise ValueError(

@@ -128,6 +128,7 @@ class FusedUpdate(SlotKernel):
         *,
         stochastic: bool = False,
         seed: int = 0,
+        positions: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         self._take_slots(slots, sources, stochastic)
         grouped = group_slots(self.slots, sources)
@@ -141,7 +142,7 @@ class FusedUpdate(SlotKernel):
         if stochastic:
             self.keys = {d: torch.zeros((), dtype=torch.int32, device=d) for d in devices}
             # each slot draws its own stretch of the random stream (see stream_offsets)
-            starts = [stream_offsets(self.slots[0], k) for k in range(len(self.slots))]
+            starts = [stream_offsets(self.slots[0], k, positions) for k in range(len(self.slots))]
             self.offsets = [[[start[i] for i in index] for start in starts] for _, index in grouped]
             # ungated and gated: two private copies, each compiled on its first call
             self._sr = _compile(stochastic_lerp_group)

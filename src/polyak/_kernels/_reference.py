@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from polyak._kernels._base import (
@@ -12,9 +14,8 @@ from polyak._kernels._base import (
     check_gate,
     check_slots,
     lerp_in_compute_dtype,
-    slot_offsets,
 )
-from polyak._kernels._stochastic import stochastic_lerp_
+from polyak._kernels._stochastic import stochastic_lerp_, stream_offsets
 
 
 class ReferenceUpdate:
@@ -26,7 +27,8 @@ class ReferenceUpdate:
 
     With ``stochastic=True`` the bf16 shadows are rounded stochastically from the fp32 lerp, with
     the same random bits as the fused path (same seed, counter and element offsets); slot ``k``
-    draws the stream at offsets shifted by ``k`` times one slot's element count (``slot_offsets``),
+    draws the stream at offsets shifted by ``k`` times one slot's element count (``stream_offsets``,
+    with the shards' ``positions`` in their full tensors where given),
     so slot 0 draws exactly a one-slot update's bits. The counter advances once per ``lerp_``,
     gated or not.
 
@@ -45,6 +47,7 @@ class ReferenceUpdate:
         *,
         stochastic: bool = False,
         seed: int = 0,
+        positions: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         check_slots(slots, sources)
         self.slots = slots
@@ -56,7 +59,8 @@ class ReferenceUpdate:
             # the stream's state lives beside the shadows: a captured update advances it on the
             # device at every replay, and no update copies it from the host
             self.state = SlotState({s.device for s in slots[0]}, len(slots), seed)
-            self.offsets = slot_offsets(slots)
+            # each slot draws its own stretch of the stream, at the full tensors' positions
+            self.offsets = [stream_offsets(slots[0], k, positions) for k in range(len(slots))]
 
     def lerp_(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
         weights = as_weights(weights, len(self.slots))

@@ -19,7 +19,12 @@ The stream, in 32-bit unsigned arithmetic (``>>`` logical, products mod 2**32)::
 ``offset + i`` is the element's position in the random stream (:func:`stream_offsets`): a tensor
 starts where the ones before it in its slot end, and slot ``k`` of an N-slot update (``k`` = 0, 1,
 ...) is shifted by ``k`` times the elements of one slot, so its N slots draw N disjoint stretches
-and slot 0 draws exactly the bits of a one-slot update.
+and slot 0 draws exactly the bits of a one-slot update. Positions count the elements of the *full*
+tensors: a shard (a DTensor's local block, FSDP2) starts at its block's place in its full tensor,
+so ranks holding different shards draw different bits for their different elements (the same seed
+on every rank would otherwise round element ``i`` of every rank's shard alike), ranks holding
+replicas of one shard (HSDP) draw the same bits and their shadows stay equal, and an FSDP2 run
+(``Shard(0)``) rounds exactly as the unsharded run with the same seed.
 
 Why the per-element part may be this cheap: ``key`` is a full hash of (seed, counter), so for a
 fixed element the words ``offset + i + key`` of successive updates are uniform and independent of
@@ -141,18 +146,31 @@ def round_to_bf16_float(x: torch.Tensor, bits16: torch.Tensor) -> torch.Tensor:
     return (torch.floor(x / g + bits16.float() * 2.0**-16) * g).to(torch.bfloat16)
 
 
-def stream_offsets(shadows: Sequence[torch.Tensor], slot: int = 0) -> list[int]:
+def stream_offsets(
+    shadows: Sequence[torch.Tensor],
+    slot: int = 0,
+    positions: Sequence[tuple[int, int]] | None = None,
+) -> list[int]:
     """Where each of one slot's shadows starts in the random stream, for slot ``slot``.
 
-    :math:`o_{k,i} = \\sum_{j<i} n_j + k \\sum_j n_j` for the shadow ``i`` of slot ``k``, with
-    :math:`n_j` the elements of shadow ``j`` (all slots hold the same shapes): the start of the
-    shadow in the concatenation of one slot's shadows, shifted by ``k`` slots. Slot 0 is the
-    offset every one-slot update has always used.
+    :math:`o_{k,i} = \\sum_{j<i} n_j + a_i + k \\sum_j n_j` for the shadow ``i`` of slot ``k``,
+    with :math:`n_j` the elements of shadow ``j``'s full tensor and :math:`a_i` the start of the
+    shadow's elements in its full tensor: ``positions[i] = (n_i, a_i)``, given for shards
+    (``polyak._store.ShadowStore.positions``), else ``(numel, 0)`` for each shadow, the start of
+    the shadow in the concatenation of one slot's shadows. Slot ``k`` is shifted by ``k`` slots;
+    slot 0 is the offset every one-slot update has always used.
     """
+    if positions is None:
+        positions = [(shadow.numel(), 0) for shadow in shadows]
+    if len(positions) != len(shadows):
+        raise ValueError(
+            f"positions: expected one (numel, start) per shadow, {len(shadows)}, got "
+            f"{len(positions)}."
+        )
     offsets, total = [], 0
-    for shadow in shadows:
-        offsets.append(total)
-        total += shadow.numel()
+    for numel, start in positions:
+        offsets.append(total + start)
+        total += numel
     return [offset + slot * total for offset in offsets]
 
 

@@ -327,10 +327,11 @@ class TritonUpdate(SlotKernel):
         *,
         stochastic: bool = False,
         seed: int = 0,
+        positions: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         for shadows in self._take_slots(slots, sources, stochastic):
             check_applicable(shadows, sources)
-        starts = [stream_offsets(self.slots[0], k) for k in range(len(self.slots))]
+        starts = [stream_offsets(self.slots[0], k, positions) for k in range(len(self.slots))]
         self.groups: list[_Group] = []
         for (_, shadow_dtype, _), index in group_slots(self.slots, sources):
             if not shadow_dtype.is_floating_point:
