@@ -7,6 +7,9 @@ summary (printed only at the end) would have lost.
 
 ``@pytest.mark.slow``: long variants (many fuzz cases, fault-injection trials, soak runs), skipped
 unless ``--runslow`` is given or ``POLYAK_SLOW=1`` is set; CI runs the fast variants.
+
+``ranks2``, ``ranks4``: what every distributed scenario saw on 2 and on 4 spawned gloo ranks, one
+launch per world size for the session (``tests/_distributed.py``).
 """
 
 from __future__ import annotations
@@ -49,6 +52,22 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         )
         if report.failed:
             log.write(report.longreprtext[-6000:] + "\n\n")
+
+
+@pytest.fixture(scope="session")
+def ranks2(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    from tests._distributed import launch
+
+    return launch(2, tmp_path_factory.mktemp("ranks2"))
+
+
+@pytest.fixture(scope="session")
+def ranks4(tmp_path_factory: pytest.TempPathFactory, ranks2: list[dict]) -> list[dict]:
+    """The 4-rank launch, after the 2-rank one (it loads that launch's DCP checkpoint)."""
+    from tests._distributed import launch
+
+    checkpoint = ranks2[0]["test_distributed.train_fsdp2"].get("checkpoint", "")
+    return launch(4, tmp_path_factory.mktemp("ranks4"), {"checkpoint": checkpoint})
 
 
 # what reads a tensor's value on the host: on CUDA each of these waits for the device

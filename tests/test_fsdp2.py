@@ -1,12 +1,13 @@
 """FSDP2 (``fully_shard``) on 2 gloo ranks on the CPU: the averages enter the model, and leave it.
 
 FSDP2 all-gathers each parameter from its own sharded storage, so an EMA that re-points ``.data``
-evaluates the trained weights (issue 14, acceptance 4). One spawned run of two ranks trains an FSDP2
-model and, beside it on every rank, an unsharded replica (same seed, same batches: FSDP's averaged
-gradient of identical batches is the replica's gradient), then evaluates one batch through every way
-averages enter a model. Each rank writes what it saw; the tests below compare it against references
-that do not go through placement: the shadows gathered with ``DTensor.full_tensor()`` and loaded into
-a plain model, and the replica's own EMA.
+evaluates the trained weights (issue 14, acceptance 4). One scenario of the shared 2-rank launch
+(``tests/_distributed.py``) trains an FSDP2 model and, beside it on every rank, an unsharded
+replica (same seed, same batches: FSDP's averaged gradient of identical batches is the replica's
+gradient), then evaluates one batch through every way averages enter a model. Each rank returns
+what it saw; the tests below compare it against references that do not go through placement: the
+shadows gathered with ``DTensor.full_tensor()`` and loaded into a plain model, and the replica's
+own EMA.
 
 The model has a layer that FSDP2 leaves in the root module: after a forward pass without gradients
 the root keeps its parameters unsharded (gathered), and its weight of shape (1, 3) gives rank 1 an
@@ -15,32 +16,14 @@ empty shard. Layer 1 has 3 rows over 2 ranks (uneven shards).
 
 from __future__ import annotations
 
-import datetime
-import os
-
 import pytest
 import torch
 from torch import nn
 
 import polyak
+from tests._distributed import Context, results
 
-WORLD = 2
 STEPS = 4
-
-
-def _skip_reason() -> str | None:
-    if not torch.distributed.is_available():
-        return "torch.distributed is not available in this torch build"
-    if not torch.distributed.is_gloo_available():
-        return "the gloo backend is not available in this torch build"
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        return "torch.distributed.fsdp.fully_shard (FSDP2) is not available in this torch"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason()))
 
 
 def _net() -> nn.Module:
@@ -55,123 +38,111 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, ema: polyak.EMA, b
     ema.update()
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    """One rank: train, then evaluate through every placement; write what it saw."""
-    import torch.distributed as dist
+def placement(ctx: Context) -> dict[str, object]:
+    """One rank: train, then evaluate through every placement; return what it saw."""
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{init_file}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=datetime.timedelta(seconds=60),
+    torch.manual_seed(0)
+    model = _net()
+    torch.manual_seed(0)
+    replica = _net()
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)  # the root holds model[4]
+    params = dict(model.named_parameters())  # the sharded DTensor parameters
+
+    def shards() -> dict[str, torch.Tensor]:
+        return {n: p.to_local().detach().clone() for n, p in params.items()}
+
+    ema = polyak.EMA(model, decay=0.5)
+    # bf16 shadows, stochastic rounding: its kernel mixes shadows with plain tensors (random
+    # offsets), which only works on the local shards (handed over instead of the DTensors)
+    rounded = polyak.EMA(
+        model, decay=0.5, shadow_dtype=torch.bfloat16, rounding="stochastic", kernel="reference"
     )
-    try:
-        torch.manual_seed(0)
-        model = _net()
-        torch.manual_seed(0)
-        replica = _net()
-        fully_shard(model[0])
-        fully_shard(model[2])
-        fully_shard(model)  # the root holds model[4]
-        params = dict(model.named_parameters())  # the sharded DTensor parameters
+    replica_ema = polyak.EMA(replica, decay=0.5)
+    out: dict[str, object] = {"shadow_types": [type(ema.average(n)).__name__ for n in params]}
+    initial = shards()
+    with ema.swapped():  # before FSDP's lazy initialisation (first forward)
+        pass
+    out["untouched_before_first_forward"] = all(
+        torch.equal(a, b) for a, b in zip(initial.values(), shards().values(), strict=True)
+    )
 
-        def shards() -> dict[str, torch.Tensor]:
-            return {n: p.to_local().detach().clone() for n, p in params.items()}
-
-        ema = polyak.EMA(model, decay=0.5)
-        # bf16 shadows, stochastic rounding: its kernel mixes shadows with plain tensors (random
-        # offsets), which only works on the local shards (handed over instead of the DTensors)
-        rounded = polyak.EMA(
-            model, decay=0.5, shadow_dtype=torch.bfloat16, rounding="stochastic", kernel="reference"
-        )
-        replica_ema = polyak.EMA(replica, decay=0.5)
-        out: dict[str, object] = {"shadow_types": [type(ema.average(n)).__name__ for n in params]}
-        initial = shards()
-        with ema.swapped():  # before FSDP's lazy initialisation (first forward)
-            pass
-        out["untouched_before_first_forward"] = all(
-            torch.equal(a, b) for a, b in zip(initial.values(), shards().values(), strict=True)
-        )
-
-        gen = torch.Generator().manual_seed(1)
-        opt = torch.optim.SGD(model.parameters(), lr=0.2)
-        replica_opt = torch.optim.SGD(replica.parameters(), lr=0.2)
-        for _ in range(STEPS):
-            batch = (torch.randn(6, 4, generator=gen), torch.randn(6, 1, generator=gen))
-            _train_step(model, opt, ema, batch)
-            rounded.update()
-            _train_step(replica, replica_opt, replica_ema, batch)
-        x = torch.randn(5, 4, generator=gen)
-
-        # references that do not go through placement
-        averages = {n: ema.average(n).full_tensor() for n in params}
-        out["averages"] = averages
-        out["rounded"] = {n: rounded.average(n).full_tensor() for n in params}
-        out["replica_averages"] = {n: replica_ema.average(n).clone() for n in params}
-        reference = _net()
-        reference.load_state_dict(averages)
-        trained_reference = _net()
-        trained_reference.load_state_dict({n: p.full_tensor() for n, p in params.items()})
-        with torch.no_grad():
-            out["reference"] = reference(x)
-            out["trained_reference"] = trained_reference(x)
-
-        with torch.no_grad():
-            out["shards"] = shards()
-            out["trained"] = model(x)  # leaves the root unsharded, holding the trained weights
-            with ema.swapped():
-                out["swapped"] = model(x)
-            out["after_swapped"] = (model(x), shards())
-
-            ema.use_averages()
-            ema.use_averages()  # idempotent
-            out["use_averages"] = model(x)
-            ema.use_trained()
-            ema.use_trained()
-            out["after_use_trained"] = (model(x), shards())
-
-            ema.bind_to_mode(model)
-            model.eval()
-            out["eval"] = model(x)
-            model.train()
-            out["after_train"] = (model(x), shards())
-
-            ema.store()
-            out["stored"] = model(x)  # leaves the root unsharded, holding the trained weights
-            ema.copy_to()
-            out["copy_to"] = model(x)
-            ema.restore()
-            out["after_restore"] = (model(x), shards())
-
-        # training goes on from the trained weights, as the replica's does
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    replica_opt = torch.optim.SGD(replica.parameters(), lr=0.2)
+    for _ in range(STEPS):
         batch = (torch.randn(6, 4, generator=gen), torch.randn(6, 1, generator=gen))
         _train_step(model, opt, ema, batch)
+        rounded.update()
         _train_step(replica, replica_opt, replica_ema, batch)
-        out["next_step"] = {n: p.full_tensor() for n, p in params.items()}
-        out["replica_next_step"] = {n: p.detach().clone() for n, p in replica.named_parameters()}
+    x = torch.randn(5, 4, generator=gen)
 
-        # copy_to() for good, after a forward pass left the root unsharded
-        reference.load_state_dict({n: ema.average(n).full_tensor() for n in params})
-        with torch.no_grad():
-            out["final_reference"] = reference(x)
-            model(x)
-            ema.copy_to()
-            out["copied_for_good"] = model(x)
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    # references that do not go through placement
+    averages = {n: ema.average(n).full_tensor() for n in params}
+    out["averages"] = averages
+    out["rounded"] = {n: rounded.average(n).full_tensor() for n in params}
+    out["replica_averages"] = {n: replica_ema.average(n).clone() for n in params}
+    reference = _net()
+    reference.load_state_dict(averages)
+    trained_reference = _net()
+    trained_reference.load_state_dict({n: p.full_tensor() for n, p in params.items()})
+    with torch.no_grad():
+        out["reference"] = reference(x)
+        out["trained_reference"] = trained_reference(x)
+
+    with torch.no_grad():
+        out["shards"] = shards()
+        out["trained"] = model(x)  # leaves the root unsharded, holding the trained weights
+        with ema.swapped():
+            out["swapped"] = model(x)
+        out["after_swapped"] = (model(x), shards())
+
+        ema.use_averages()
+        ema.use_averages()  # idempotent
+        out["use_averages"] = model(x)
+        ema.use_trained()
+        ema.use_trained()
+        out["after_use_trained"] = (model(x), shards())
+
+        ema.bind_to_mode(model)
+        model.eval()
+        out["eval"] = model(x)
+        model.train()
+        out["after_train"] = (model(x), shards())
+
+        ema.store()
+        out["stored"] = model(x)  # leaves the root unsharded, holding the trained weights
+        ema.copy_to()
+        out["copy_to"] = model(x)
+        ema.restore()
+        out["after_restore"] = (model(x), shards())
+
+    # training goes on from the trained weights, as the replica's does
+    batch = (torch.randn(6, 4, generator=gen), torch.randn(6, 1, generator=gen))
+    _train_step(model, opt, ema, batch)
+    _train_step(replica, replica_opt, replica_ema, batch)
+    out["next_step"] = {n: p.full_tensor() for n, p in params.items()}
+    out["replica_next_step"] = {n: p.detach().clone() for n, p in replica.named_parameters()}
+
+    # copy_to() for good, after a forward pass left the root unsharded
+    reference.load_state_dict({n: ema.average(n).full_tensor() for n in params})
+    with torch.no_grad():
+        out["final_reference"] = reference(x)
+        model(x)
+        ema.copy_to()
+        out["copied_for_good"] = model(x)
+    return out
+
+
+SCENARIOS = {2: [placement]}
 
 
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> list[dict]:
-    """What each of the 2 ranks saw (one spawned run for all tests here)."""
-    import torch.multiprocessing as mp
-
-    tmp = tmp_path_factory.mktemp("fsdp2")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+def ranks(ranks2) -> list[dict]:
+    """What each of the 2 ranks saw (the session's 2-rank launch runs this module's scenario)."""
+    return results(ranks2, __name__, placement)
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor) -> None:

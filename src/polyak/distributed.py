@@ -166,7 +166,7 @@ def _gathered(
                 tensor = DTensor.from_local(
                     shard, mesh, tensor.placements, shape=tensor.shape, stride=tensor.stride()
                 ).full_tensor()
-            yield tensor.detach().to("cpu", target).contiguous() if keep else None
+            yield tensor.to("cpu", target).contiguous() if keep else None
             del tensor
 
 
@@ -201,6 +201,7 @@ def _write(
     f.write(encoded)
     for tensor in tensors:  # in the plan's order, cast to its dtypes by _gathered
         f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[union-attr]
+        del tensor  # gone before the next gather: one full tensor at a time
 
 
 def _rank() -> int:

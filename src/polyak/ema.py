@@ -29,7 +29,7 @@ from polyak import _export, _kernels, _options, _placement, _state, _tracking
 from polyak._kernels._engine import Policy, optimizer_owned
 from polyak._options import DEFAULT_DECAY, DecayLike
 from polyak._steps import DeviceSteps, HostSteps
-from polyak._store import ShadowStore, local
+from polyak._store import ShadowStore, is_dtensor, local
 from polyak._switch import ModeSwitch, Switch
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import Exponential, Rule
@@ -626,7 +626,16 @@ class EMA:
         re-ties them. For a model without tied weights
         ``model.load_state_dict(safetensors.torch.load_file(path), strict=True)`` works as is.
         Written atomically (temp file, fsync, rename). ``slot``: as in :meth:`swapped`.
+
+        Sharded shadows (FSDP2, DTensor) are written by ``polyak.distributed.export_full(ema,
+        path)``, called on every rank (it gathers them one tensor at a time); here they raise.
         """
+        if any(is_dtensor(self._store.shadow(n)) for n in self._averaged):
+            raise ValueError(
+                "ema.save() cannot write sharded (DTensor) shadows: gathering them takes every "
+                "rank. Call polyak.distributed.export_full(ema, path) on every rank instead (rank "
+                "0 writes the same safetensors file, gathered one tensor at a time)."
+            )
         if self.model is None:  # the tracked tensors' names, dtypes as for a model
             tensors = {n: t.detach() for n, t in self._averaged_tensors(dtype, slot).items()}
         else:
