@@ -395,6 +395,50 @@ def replaced_shard(ctx: Context) -> dict[str, Any]:
     return {"start": start, "after": ema.average("0.weight").to_local().clone()}
 
 
+def layouts(ctx: Context) -> dict[str, Any]:
+    """A plain EMA's state dict loads into a sharded EMA (each rank keeps its block) and a sharded
+    one's into a plain EMA (gathered); the engine is told that FSDP2's parameters are written by
+    the optimizer alone (their local shards are plain tensors) and buffers are not."""
+    from torch.distributed.fsdp import fully_shard
+
+    from polyak import _kernels
+
+    sharded = polyak.EMA(shard(net()), decay=DECAY)
+    plain = polyak.EMA(net(), decay=DECAY)
+    gen = torch.Generator().manual_seed(7)  # the same values on every rank
+    with torch.no_grad():
+        for name in plain.names():
+            plain.average(name).copy_(torch.randn(plain.average(name).shape, generator=gen))
+    plain.step = 5
+    sharded.load_state_dict(plain.state_dict())
+    back = polyak.EMA(net(), decay=DECAY)
+    back.load_state_dict(sharded.state_dict())
+    out: dict[str, Any] = {
+        "expected": {n: plain.average(n).clone() for n in plain.names()},
+        "sharded": averages(sharded),
+        "back": {n: back.average(n).clone() for n in back.names()},
+        "steps": (sharded.step, back.step),
+    }
+
+    torch.manual_seed(0)
+    norm = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    fully_shard(norm)
+    seen: dict[str, Any] = {}
+    original = _kernels.Engine
+
+    def capture(*args: Any, owned: Any = None, **kwargs: Any) -> Any:
+        seen["owned"] = list(owned)
+        return original(*args, owned=owned, **kwargs)
+
+    _kernels.Engine = capture
+    try:
+        ema = polyak.EMA(norm)
+    finally:
+        _kernels.Engine = original
+    out["owned"] = dict(zip(ema.names(), seen["owned"], strict=True))
+    return out
+
+
 # ====================================================================== 4 ranks
 
 
@@ -516,6 +560,7 @@ SCENARIOS = {
         stochastic,
         functional_call,
         replaced_shard,
+        layouts,
     ],
     4: [train_fsdp2_4, hsdp, tensor_parallel],
 }
@@ -657,6 +702,28 @@ def test_a_replaced_local_shard_is_followed(ranks2):
         assert torch.equal(seen["after"], expected)
 
 
+def test_plain_and_sharded_state_dicts_load_into_each_other(ranks2):
+    for seen in of(ranks2, layouts):
+        close(seen["sharded"], seen["expected"], tol=0)
+        close(seen["back"], seen["expected"], tol=0)
+        assert seen["steps"] == (5, 5)
+
+
+def test_the_engine_knows_which_shards_the_optimizer_writes(ranks2):
+    """Under ``stream="side"`` and ``offload``, tensors an optimizer does not own are copied first
+    (the next forward writes them): FSDP2 parameters are owned, BatchNorm's buffers are not."""
+    for seen in of(ranks2, layouts):
+        assert seen["owned"] == {
+            "0.weight": True,
+            "0.bias": True,
+            "1.weight": True,
+            "1.bias": True,
+            "1.running_mean": False,
+            "1.running_var": False,
+            "1.num_batches_tracked": False,
+        }
+
+
 def test_export_full_loads_into_a_plain_model_strictly(ranks2):
     from safetensors.torch import load_file
 
@@ -769,3 +836,56 @@ def test_load_planner_never_unpickles(tmp_path):
     state = {"obj": None}
     dcp.load(state, checkpoint_id=tmp_path, no_dist=True)  # what the default planner does
     assert isinstance(state["obj"], Unsafe)
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 3)
+        self.head = nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight
+        self.norm = nn.BatchNorm1d(3)
+        self.frozen = nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+
+
+@pytest.mark.filterwarnings("ignore::polyak.bn.StaleBatchNormWarning")
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_export_full_writes_what_save_writes(tmp_path, dtype):
+    """Without a process group ``export_full`` is ``ema.save``: the same tensors under the same
+    keys (tied weights once, the alias recorded), the same metadata; loadable with strict=True."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = Tied()
+    ema = polyak.EMA(model, decay=0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.norm.running_mean.add_(2.0)
+    ema.update()
+    polyak.distributed.export_full(ema, tmp_path / "full.safetensors", dtype)
+    ema.save(tmp_path / "save.safetensors", dtype)
+    with (
+        safe_open(tmp_path / "full.safetensors", "pt") as full,
+        safe_open(tmp_path / "save.safetensors", "pt") as saved,
+    ):
+        assert full.metadata() == saved.metadata()
+        assert "polyak.aliases" in full.metadata()
+        assert sorted(full.keys()) == sorted(saved.keys())
+        for key in saved.keys():  # noqa: SIM118 (not a dict)
+            assert torch.equal(full.get_tensor(key), saved.get_tensor(key)), key
+            assert full.get_tensor(key).dtype == saved.get_tensor(key).dtype
+    loaded = polyak.io.load_averaged(Tied(), tmp_path / "full.safetensors", strict=True)
+    assert loaded.head.weight is loaded.embed.weight
+    expected = ema.average("embed.weight").to(dtype or torch.float32)
+    assert torch.equal(loaded.embed.weight.to(expected.dtype), expected)
+
+
+def test_export_full_refuses_a_dtype_safetensors_cannot_name(tmp_path):
+    model = nn.Linear(2, 2)
+    model.register_buffer("phase", torch.zeros(2, dtype=torch.complex128))  # copied, not averaged
+    ema = polyak.EMA(model, decay=0.5)
+    with pytest.raises(TypeError, match="'phase'.* dtype torch.complex128 has no safetensors name"):
+        polyak.distributed.export_full(ema, tmp_path / "z.safetensors")
+    assert not (tmp_path / "z.safetensors").exists()
