@@ -11,6 +11,7 @@ attention and an MLP, a head), so that a launch stays under a minute on 2 cores.
 
 from __future__ import annotations
 
+import os
 import weakref
 from pathlib import Path
 from typing import Any
@@ -439,6 +440,37 @@ def layouts(ctx: Context) -> dict[str, Any]:
     return out
 
 
+def readme(ctx: Context) -> dict[str, Any]:
+    """The README's "Distributed" block as written, on 3 batches per rank (a checkpoint every 2
+    steps instead of 1000; the launcher already joined the process group)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Distributed") :]
+    block = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    for old, new in (("dist.init_process_group()", "pass"), ("1000", "2")):
+        assert old in block, old
+        block = block.replace(old, new)
+    evaluated = []
+    namespace = {
+        "MyNet": net,
+        "loader": [batch(step, ctx.rank) for step in range(1, 4)],
+        "loss_fn": lambda out, y: F.cross_entropy(out.reshape(-1, VOCAB), y.reshape(-1)),
+        "evaluate": lambda model: evaluated.append(model(batch(0, 0)[0]).detach()),
+    }
+    where = ctx.tmp / "readme"
+    where.mkdir(exist_ok=True)
+    os.chdir(where)
+    exec(compile(block, "README.md", "exec"), namespace)
+    ema = namespace["ema"]
+    return {
+        "step": ema.step,
+        "evaluated": len(evaluated),
+        "averages": averages(ema),
+        "export": str(where / "model_ema.safetensors"),
+    }
+
+
 # ====================================================================== 4 ranks
 
 
@@ -561,6 +593,7 @@ SCENARIOS = {
         functional_call,
         replaced_shard,
         layouts,
+        readme,
     ],
     4: [train_fsdp2_4, hsdp, tensor_parallel],
 }
@@ -722,6 +755,17 @@ def test_the_engine_knows_which_shards_the_optimizer_writes(ranks2):
             "1.running_var": False,
             "1.num_batches_tracked": False,
         }
+
+
+def test_the_readme_block_runs_as_written(ranks2):
+    """Resumed from its step-2 checkpoint after 3 steps; its export holds the averages."""
+    from safetensors.torch import load_file
+
+    for seen in of(ranks2, readme):
+        assert seen["step"] == 2 and seen["evaluated"] == 1
+    model = net()
+    model.load_state_dict(load_file(of(ranks2, readme)[0]["export"]), strict=True)
+    close(dict(model.named_parameters()), of(ranks2, readme)[0]["averages"], tol=0)
 
 
 def test_export_full_loads_into_a_plain_model_strictly(ranks2):
