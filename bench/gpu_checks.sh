@@ -10,6 +10,7 @@
 #   bash bench/gpu_checks.sh tiny      # update_speed: 2048 tiny tensors (fused compiles per tensor)
 #   bash bench/gpu_checks.sh train     # update_speed: the ViT-B/16 training-step share (+ side stream)
 #   bash bench/gpu_checks.sh offload   # offload_cost.py with the PCIe copy
+#   bash bench/gpu_checks.sh distributed  # the one-GPU NCCL smoke test, sharded_speed.py (1 rank)
 #
 # Each part stops itself after GPU_PART_LIMIT_S seconds (default 540; lower it when the device
 # budget left is shorter), and writes straight into $OUT: update_speed.py rewrites its JSON after
@@ -26,7 +27,7 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="src:build/bench_peers${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 day=$(date -u +%F)
-part=${1:?usage: bash bench/gpu_checks.sh tests|large|native|small|tiny|train|offload [extra options]}
+part=${1:?usage: bash bench/gpu_checks.sh tests|large|native|small|tiny|train|offload|distributed [extra options]}
 shift
 # anything after the part goes to the part's command (pytest or update_speed.py), e.g.
 #     bash bench/gpu_checks.sh large --compile-budget-s 60 --reps 20
@@ -63,8 +64,14 @@ case "$part" in
         bounded $PY bench/offload_cost.py --device cuda
         [[ -n "${OUT:-}" ]] && cp bench/results/offload_cost_cuda_"$day"*.json "$OUT"/ || true
         ;;
+    distributed)
+        bounded $PY -m pytest -q -rfEs -p no:cacheprovider "${extra[@]}" tests/test_distributed.py \
+            -k nccl 2>&1 | tee "$dest/gpu_distributed_$day.log"
+        bounded $PY bench/sharded_speed.py --device cuda --world 1 --elements 200000000 \
+            --out "$dest/sharded_speed_cuda_w1_$day.json"
+        ;;
     *)
-        echo "unknown part '$part'; expected tests, large, native, small, tiny, train or offload" >&2
+        echo "unknown part '$part'; expected tests, large, native, small, tiny, train, offload or distributed" >&2
         exit 2
         ;;
 esac
