@@ -807,6 +807,7 @@ def test_dcp_checkpoint_resumes_exactly(ranks2):
         close(seen["resumed"], seen["averages"], tol=0)
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 def test_dcp_checkpoint_of_2_ranks_loads_on_1(ranks2):
     """The 2-rank checkpoint loads without a process group into a plain model's EMA (the keys are
     the sharded EMA's): the averages saved, bit for bit."""

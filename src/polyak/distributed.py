@@ -141,6 +141,12 @@ def export_full(
         keep = sorted(keys)[0]
         live = entries[keep]
         target = dtype if dtype is not None and live.is_floating_point() else live.dtype
+        if target not in _SAFETENSORS_DTYPES:  # on every rank, before any gather
+            raise TypeError(
+                f"cannot write {keep!r} as safetensors: dtype {target} has no safetensors name "
+                f"(supported: {sorted(str(d) for d in _SAFETENSORS_DTYPES)}); pass dtype= to "
+                f"cast floating tensors, or leave such tensors out of the model's state dict."
+            )
         plan.append((keep, by_id.get(id(live), live), target))
         aliases.update({key: keep for key in keys if key != keep})
     metadata = {"format": "pt", "polyak.step": str(ema.step), "polyak.format": FORMAT}
@@ -188,12 +194,6 @@ def _write(
     header: dict[str, Any] = {"__metadata__": metadata}
     begin = 0
     for key, tensor, target in plan:
-        if target not in _SAFETENSORS_DTYPES:
-            raise TypeError(
-                f"cannot write {key!r} as safetensors: dtype {target} has no safetensors name "
-                f"(supported: {sorted(str(d) for d in _SAFETENSORS_DTYPES)}); pass dtype= to "
-                f"cast floating tensors, or leave such tensors untracked."
-            )
         end = begin + tensor.numel() * target.itemsize
         header[key] = {
             "dtype": _SAFETENSORS_DTYPES[target],
