@@ -216,6 +216,7 @@ class Watch:
         """Per tracked name whose tensor changed: the model's tensor now (``None`` if gone) and
         what changed, in words."""
         out: dict[str, tuple[torch.Tensor | None, str]] = {}
+        shards = {id(t): shard for t, shard in self.shards}
         for name, old in live.items():
             if model is None:
                 tensor = old
@@ -229,7 +230,7 @@ class Watch:
             what = []
             if tensor is not old:
                 what.append("was replaced by another tensor object")
-            elif any(t is old and t._local_tensor is not shard for t, shard in self.shards):
+            elif id(old) in shards and old._local_tensor is not shards[id(old)]:
                 what.append("got a new local shard (FSDP2 re-allocated it)")
             if tensor.shape != shape:
                 what.append(f"changed shape from {tuple(shape)} to {tuple(tensor.shape)}")
