@@ -166,6 +166,8 @@ class Recorder(TrainerCallback):
                 assert torch.equal(t, self.live[-1][n]), f"{n} changed outside an optimizer step"
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if "eval_loss" not in metrics:  # one of several named eval sets
+            return
         self.evals.append(
             {
                 "step": state.global_step,
@@ -295,6 +297,9 @@ def test_evaluation_runs_on_the_averages_and_gives_the_weights_back(tmp_path):
         assert t.data_ptr() != cb.ema.average(n).data_ptr()
     # after training, trainer.evaluate() / predict() see the averages too
     assert trainer.evaluate()["eval_loss"] == pytest.approx(mse64(rec.shadows[-1], EVAL), rel=1e-5)
+    several = trainer.evaluate({"a": EVAL, "b": EVAL[:4]})  # evaluate() calls itself per set
+    assert several["eval_a_loss"] == pytest.approx(mse64(rec.shadows[-1], EVAL), rel=1e-5)
+    assert several["eval_b_loss"] == pytest.approx(mse64(rec.shadows[-1], EVAL[:4]), rel=1e-5)
     predictions = trainer.predict(EVAL).predictions
     x = torch.stack([d["x"] for d in EVAL])
     expected = x @ rec.shadows[-1]["lin.weight"].T + rec.shadows[-1]["lin.bias"]
@@ -512,8 +517,17 @@ def test_save_averaged_weights_loads_with_from_pretrained(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left
 
 
-@pytest.mark.parametrize("save_on_each_node", [False, True])
-def test_only_the_writing_process_writes(tmp_path, save_on_each_node):
+@pytest.mark.parametrize(
+    ("save_on_each_node", "world_zero", "local_zero", "writes"),
+    [
+        (False, False, True, False),  # another node's main process: the world's main one writes
+        (True, False, True, True),  # save_on_each_node: every node's main process writes
+        (True, False, False, False),
+    ],
+)
+def test_only_the_process_that_writes_checkpoints_writes(
+    tmp_path, save_on_each_node, world_zero, local_zero, writes
+):
     cb = EMACallback(0.5, save_averaged_weights=tmp_path / "ema")
     trainer = make_trainer(
         tmp_path / "out",
@@ -523,14 +537,14 @@ def test_only_the_writing_process_writes(tmp_path, save_on_each_node):
         save_steps=2,
         save_on_each_node=save_on_each_node,
     )
-    # another rank: the Trainer's state says so (its own checkpoint writes follow args)
-    trainer.is_world_process_zero = lambda: False
-    trainer.is_local_process_zero = lambda: False
+    # which process this is, as the Trainer's state says (its own checkpoint writes follow args)
+    trainer.is_world_process_zero = lambda: world_zero
+    trainer.is_local_process_zero = lambda: local_zero
     trainer.train()
-    assert cb.ema.step == 4  # it still averages
+    assert cb.ema.step == 4  # every process averages
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["checkpoint-2", "checkpoint-4"]
-    assert not list((tmp_path / "out").rglob(STATE_FILE))
-    assert not (tmp_path / "ema").exists()
+    assert len(list((tmp_path / "out").rglob(STATE_FILE))) == (2 if writes else 0)
+    assert (tmp_path / "ema").exists() == writes
 
 
 # ------------------------------------------------------------------ errors, imports, README
