@@ -175,6 +175,11 @@ class Recorder(TrainerCallback):
                 "raw": mse64(self.live[-1], EVAL),
                 "averaged": mse64(self.shadows[-1], EVAL),
                 "held": weights(model),  # what the model held while evaluating
+                # whether it held the shadows themselves (the zero-copy swap) or its own tensors
+                "swapped": [
+                    t.data_ptr() == self.cb.ema.average(n).data_ptr()
+                    for n, t in model.named_parameters()
+                ],
             }
         )
 
@@ -358,8 +363,10 @@ def test_before_update_after_step_evaluation_uses_the_live_weights(tmp_path):
     assert [e["step"] for e in rec.evals] == [0, 1, 2, 3, 4]
     for e in rec.evals[:3]:  # steps 0..2: the live weights, the model's own tensors
         assert e["loss"] == pytest.approx(e["raw"], rel=1e-5)
+        assert e["swapped"] == [False, False]
     for e in rec.evals[3:]:
         assert e["loss"] == pytest.approx(e["averaged"], rel=1e-5)
+        assert e["swapped"] == [True, True]
         assert abs(e["raw"] - e["averaged"]) > 1e-3 * e["averaged"]
     # the shadows copy the weights up to step 2, then average from θ_2 with decay 0.5
     for n in NAMES:
@@ -408,6 +415,17 @@ def test_resume_from_a_checkpoint_outside_output_dir(tmp_path):
     checkpoint = str(tmp_path / "whole" / "checkpoint-4")
     resumed, trainer2 = run_to(tmp_path / "elsewhere", resume_from_checkpoint=checkpoint)
     trainer2.train(resume_from_checkpoint=checkpoint)
+    assert_same_averages(resumed.ema, whole.ema)
+
+
+def test_resume_takes_the_state_of_the_step_resumed(tmp_path):
+    """A stale ``args.resume_from_checkpoint`` (here the step-8 checkpoint) is passed over for the
+    checkpoint of the step the Trainer resumed at."""
+    whole, trainer = run_to(tmp_path / "whole")
+    trainer.train()
+    later = str(tmp_path / "whole" / "checkpoint-8")
+    resumed, trainer2 = run_to(tmp_path / "whole", resume_from_checkpoint=later)
+    trainer2.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-4"))
     assert_same_averages(resumed.ema, whole.ema)
 
 
@@ -466,6 +484,16 @@ def test_the_state_file_round_trips_every_rule(tmp_path, rule):
             assert torch.equal(t, b["shadows"][slot][n]), (slot, n)
     for n, t in a["copies"].items():
         assert torch.equal(t, b["copies"][n])
+
+
+def test_the_state_file_keeps_shared_tensors_under_every_name(tmp_path):
+    shared, other = torch.arange(4.0), torch.zeros(2, dtype=torch.int64)
+    state = {"step": 3, "a": {"x": shared, "y": shared}, "list": [other, 1.5, None, "s"]}
+    save_ema_state(state, tmp_path / "s.safetensors")
+    loaded = load_ema_state(tmp_path / "s.safetensors")
+    assert loaded["step"] == 3 and loaded["list"][1:] == [1.5, None, "s"]
+    assert torch.equal(loaded["a"]["x"], shared) and torch.equal(loaded["a"]["y"], shared)
+    assert torch.equal(loaded["list"][0], other) and loaded["list"][0].dtype == torch.int64
 
 
 def _fields(rule) -> dict:
