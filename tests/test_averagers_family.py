@@ -983,10 +983,21 @@ def test_a_rule_that_switches_must_read_one_of_its_slots():
 
 
 def test_offloaded_switch_ema_equals_the_inline_one():
-    """offload="cpu" (the update on a worker thread): the write-back waits for it."""
+    """offload="cpu" (the update on a worker thread, slowed down here): the write-back waits for
+    it, and writes the finished average."""
+    import time
+
     m1, m2 = bn_net(), bn_net()
     inline = polyak.EMA(m1, rule=SwitchEMA(0.8, every=3))
     offloaded = polyak.EMA(m2, rule=SwitchEMA(0.8, every=3), offload="cpu")
+    engine = offloaded._engine
+    update = engine._host_update
+
+    def slow(*args):
+        time.sleep(0.02)
+        update(*args)
+
+    engine._host_update = slow
     bn_sgd(m1, 10, lambda n: inline.update())
     bn_sgd(m2, 10, lambda n: offloaded.update())
     got, want = m2.state_dict(), m1.state_dict()

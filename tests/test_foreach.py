@@ -460,6 +460,8 @@ def test_the_gated_copy_is_a_copy_or_nothing_bit_for_bit(gate_path, src, dst):
             assert copy._gated is None  # an ungated copy plans nothing
             copy.copy_(torch.tensor(False))
             assert copy._gated is not None and copy._gated.cut == [1, 3, 4]  # over 16
+            # one scratch per group, of the target dtype: no upcast buffer (the copy casts)
+            assert len(copy._gated.scratch) == 1 and copy._gated.scratch[0].dtype == dst
 
 
 def test_the_gated_copy_follows_a_rebound_target(monkeypatch):
