@@ -1105,3 +1105,16 @@ def sgd_cuda(model, steps, hook, seed=1):
         model(x).pow(2).mean().backward()
         opt.step()
         hook()
+
+
+def test_a_deep_copy_switches_its_own_model():
+    """copy.deepcopy of a model holding its SwitchEMA: the copy's EMA writes into the copied
+    weights, never into the original's."""
+    model = mlp()
+    model.ema = polyak.EMA(model, rule=SwitchEMA(0.5, every=2))
+    twin = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sgd(twin, 4, twin.ema.update)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p, twin.ema.average(n)) for n, p in twin.named_parameters())
+    assert not torch.equal(twin[0].weight, before["0.weight"])
