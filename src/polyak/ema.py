@@ -103,8 +103,8 @@ class EMA:
         offload: ``None`` or ``"cpu"``: keep the shadows (every slot of the rule: LAWA's ``k``
             checkpoints, as its papers keep them on the CPU) in pinned host memory and update them
             on a worker thread from a non-blocking device-to-host copy, for shadows that do not
-            fit on the GPU; the caller's thread never waits for the device. At most one update is
-            in flight; the next ``update()`` waits for the previous one.
+            fit on the GPU. At most one update is in flight; the next ``update()`` waits for the
+            previous one.
         capturable: keep the step counter on the device and compute the decay there, so that
             ``update()`` can be captured in a CUDA graph (built-in schedules only; with
             ``update_every=k`` the lerp runs every call with weight 0 off the k-th steps, and copied
