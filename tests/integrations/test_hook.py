@@ -8,6 +8,8 @@ the CPU (torch >= 2.3 implements its inf check there) deciding which steps are r
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -322,3 +324,38 @@ def test_a_deep_copied_ema_is_not_attached():
     loss_of(model, batches(1)[0]).backward()
     opt.step()
     assert (ema.step, twin.step) == (1, 0)
+
+
+def test_import_polyak_never_imports_lightning():
+    code = (
+        "import sys, polyak, polyak.integrations, polyak.integrations.hook; polyak.attach; "
+        "print([m for m in sys.modules if m.split('.')[0] in "
+        "('lightning', 'lightning_fabric', 'pytorch_lightning', 'lightning_utilities', "
+        "'transformers')])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_readme_hook_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "polyak.attach(opt, ema)" in b]
+    model = net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = polyak.EMA(model, DECAY)
+    namespace = {
+        "polyak": polyak,
+        "model": model,
+        "opt": opt,
+        "ema": ema,
+        "loader": [(x, torch.zeros(6, 2)) for x in batches(3)],
+        "loss_fn": nn.functional.mse_loss,
+    }
+    exec(compile(block, str(readme), "exec"), namespace)
+    assert ema.step == 3
+    opt.step()  # the block's end removed the hook
+    assert ema.step == 3
