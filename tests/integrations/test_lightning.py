@@ -148,6 +148,9 @@ def test_gradient_accumulation_updates_once_per_optimizer_step():
     assert t.global_step == 2 and len(model.trajectory) == 2
     assert cb.ema.step == 2 and cb.ema.num_averages == 2
     assert_matches(cb.ema, reference(model.start, model.trajectory, DECAY))
+    model(X[:4]).sum().backward()
+    t.optimizers[0].step()  # after fit the hook is gone: the optimizer is the user's again
+    assert cb.ema.step == 2
 
 
 def test_a_step_gradscaler_skips_leaves_the_ema_untouched():
@@ -574,3 +577,18 @@ def test_readme_lightning_example_runs(tmp_path, monkeypatch):
     assert ema.step == 8
     assert (tmp_path / "model_ema.safetensors").exists()
     assert [stage for stage, _, _ in model.outputs].count("val") >= 1
+
+
+def test_callback_overhead_bench_runs():
+    """bench/callback_overhead.py's mechanics on a tiny model (no timing asserted)."""
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        import callback_overhead
+    finally:
+        sys.path.remove(str(bench))
+    result = callback_overhead.run(rounds=2, warmup=1, steps=2, width=8, depth=1, batch=2, seed=0)
+    assert {row["variant"] for row in result["rows"]} == {"none", "polyak", "lightning"}
+    assert all(len(t) == 2 and min(t) > 0 for t in result["times_ms"].values())
+    assert set(result["update_only_ms"]) == {"polyak", "lightning"}
+    assert result["parameters"] == 8 * 8 + 8

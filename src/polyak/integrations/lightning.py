@@ -210,7 +210,6 @@ class EMACallback(Callback):
         self._follow_device(pl_module)  # teardown moved the module to the CPU
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._swap_out()
         if stage == "fit":
             self._detach()
 
