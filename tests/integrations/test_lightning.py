@@ -365,6 +365,18 @@ def test_resume_from_a_checkpoint_gives_the_uninterrupted_average_bit_for_bit(tm
         assert torch.equal(value, weights(whole)[name]), name
 
 
+def test_a_lone_callback_resumes_a_state_saved_with_other_settings(tmp_path):
+    first, cb_first = Net(), EMACallback(DECAY)
+    t = trainer([cb_first])
+    t.fit(first, loader())
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    cb = EMACallback(0.5)
+    assert cb.state_key != cb_first.state_key
+    with pytest.warns(polyak.ema.LoadedSettingsWarning, match="0.8"):
+        trainer([cb], max_epochs=2).fit(Net(), loader(), ckpt_path=tmp_path / "a.ckpt")
+    assert cb.ema.step == 16 and cb.ema.decay == pytest.approx(DECAY)  # the checkpoint's decay
+
+
 def test_a_checkpoint_saved_during_validation_keeps_the_trained_weights(tmp_path):
     class SaveDuringValidation(Callback):
         def on_validation_epoch_end(self, trainer, pl_module):
@@ -397,6 +409,32 @@ def test_evaluating_a_checkpoint_tests_its_averages(tmp_path):
     torch.testing.assert_close(out.double(), averaged, rtol=1e-5, atol=1e-6)
     for name, value in weights(fresh).items():  # the checkpoint's trained weights, back
         assert torch.equal(value, model.trajectory[-1][name])
+
+
+def test_evaluating_another_module_warns_and_uses_its_own_weights():
+    model, cb = Net(), EMACallback(DECAY)
+    t = trainer([cb])
+    t.fit(model, loader())
+    other = Net()
+    with pytest.warns(UserWarning, match="not the one whose weights the EMA averages"):
+        t.test(other, val_loader())
+    ((_, _, out),) = other.outputs
+    torch.testing.assert_close(out.double(), forward_with(other, weights(other)))
+
+
+def test_a_lightning_optimizer_is_attached_through_its_torch_optimizer():
+    from lightning.pytorch.core.optimizer import LightningOptimizer
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = polyak.EMA(model, DECAY)
+    handle = polyak.attach(LightningOptimizer(opt), ema)
+    assert handle.optimizers == (opt,)
+    with pytest.raises(ValueError, match="already attached"):
+        polyak.attach(opt, ema)
+    model(X_VAL).sum().backward()
+    opt.step()
+    assert ema.step == 1
 
 
 def test_save_averaged_weights_writes_a_plain_model_file(tmp_path):
@@ -438,6 +476,12 @@ def test_options_pass_through_and_bad_arguments_are_refused_early():
         EMACallback(update_after_step=5, rule=polyak.averagers.Uniform())
     with pytest.raises(ValueError, match="1.5"):
         EMACallback(1.5)
+    offloaded, model = EMACallback(DECAY, offload="cpu"), Net()  # the worker-thread update
+    trainer([offloaded], max_steps=3).fit(model, loader())
+    assert offloaded.ema.offload == "cpu" and offloaded.ema.step == 3
+    assert_matches(offloaded.ema, reference(model.start, model.trajectory, DECAY))
+    with pytest.raises(ValueError, match="stream='side' needs the tracked tensors on a CUDA"):
+        trainer([EMACallback(stream="side")], max_steps=1).fit(Net(), loader())
     uniform = EMACallback(rule=polyak.averagers.Uniform())  # rule= without decay= is fine
     trainer([uniform], max_steps=2).fit(Net(), loader())
     assert uniform.ema.step == 2

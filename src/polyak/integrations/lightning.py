@@ -33,8 +33,11 @@ What it does, and where it differs from Lightning's own ``EMAWeightAveraging`` (
   ``save_averaged_weights=PATH`` writes at the end of training (safetensors, atomically, by
   global rank 0 only).
 - **Checkpoints hold the EMA's state** (:meth:`polyak.EMA.state_dict`, under
-  ``checkpoint["polyak_ema"][callback.state_key]``), beside the trained weights in
-  ``state_dict``; ``trainer.fit(..., ckpt_path=...)`` resumes the average bit for bit, and
+  ``checkpoint["polyak_ema"][callback.state_key]``, a key made of ``decay`` and
+  ``update_after_step`` so that several callbacks can share a Trainer; a lone callback also takes
+  a lone state saved under another key, and :meth:`polyak.EMA.load_state_dict` warns about the
+  settings that differ), beside the trained weights in ``state_dict``;
+  ``trainer.fit(..., ckpt_path=...)`` resumes the average bit for bit, and
   ``trainer.test(model, ckpt_path=...)`` tests that checkpoint's averages. A checkpoint saved
   while the averages are in the model (from a validation hook) still gets the trained weights
   in ``state_dict``.
@@ -281,6 +284,9 @@ class EMACallback(Callback):
     ) -> None:
         states = checkpoint.get(CHECKPOINT_KEY, {})
         state = states.get(self.state_key)
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, EMACallback)]
+        if state is None and len(states) == 1 and len(ours) == 1:
+            (state,) = states.values()  # saved with other settings: the EMA says which differ
         if state is None:
             rank_zero_warn(
                 f"EMACallback: the checkpoint holds no EMA state under {self.state_key!r}"
