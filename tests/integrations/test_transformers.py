@@ -619,7 +619,7 @@ def test_import_polyak_does_not_import_transformers():
 def test_readme_trainer_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    (block,) = [b for b in blocks if "EMACallback" in b]
+    (block,) = [b for b in blocks if "integrations.transformers import EMACallback" in b]
     assert len(block.strip().splitlines()) <= 12
     args = TrainingArguments(
         "out", max_steps=3, report_to=[], disable_tqdm=True, use_cpu=True, save_strategy="no"
