@@ -70,7 +70,8 @@ class EMA:
             ``rule=polyak.averagers.Uniform()`` for SWA's running mean; ``decay=d`` is
             ``rule=polyak.averagers.Exponential(d)``. Not both. The EMA advances the rule object
             it is given (its state, such as Uniform's count, is the rule's: save it with
-            ``rule.state_dict()``), so give each EMA its own. One-slot rules only, for now.
+            ``rule.state_dict()``), so give each EMA its own. A rule with several slots
+            (:class:`polyak.averagers.Exponentials`, ``BEMA``, ``LAWA``) keeps each of them.
         buffers: ``"average"`` (floating buffers such as BatchNorm statistics averaged like weights,
             integer buffers such as ``num_batches_tracked`` copied), ``"copy"`` (every buffer copied
             at each update) or ``"none"`` (buffers not tracked; exports take them from the model).
