@@ -245,3 +245,55 @@ def test_mkdocs_build_strict(tmp_path):
     html = (tmp_path / "site" / "api" / "ema" / "index.html").read_text()
     assert "update_every" in html and ":class:" not in html and ".. math::" not in html
     shutil.rmtree(tmp_path / "site")
+
+
+# ---------------------------------------------------------------- the docstring rewriter
+
+
+def _rst():
+    if importlib.util.find_spec("griffe") is None:
+        pytest.skip("griffe is not installed (pip install -e '.[docs]')")
+    spec = importlib.util.spec_from_file_location(
+        "_rst_docstrings", DOCS / "_ext" / "rst_docstrings.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.to_markdown
+
+
+def test_rst_roles_and_math_become_markdown():
+    to_markdown = _rst()
+    assert to_markdown("see :class:`~polyak.EMA` and :meth:`update`") == (
+        "see `polyak.EMA` and `update`"
+    )
+    assert to_markdown("with :math:`d^k` per step") == "with $d^k$ per step"
+    block = "Then\n\n.. math:: s = a\n          + b\n\nafter"
+    assert to_markdown(block) == "Then\n\n$$\ns = a\n+ b\n$$\n\nafter"
+    nested = "Args:\n    x: the value\n\n        .. math::\n\n            y = x^2\n\n    z: more"
+    assert to_markdown(nested) == (
+        "Args:\n    x: the value\n\n        $$\n        y = x^2\n        $$\n\n    z: more"
+    )
+    assert to_markdown("The stream::\n\n    code here") == "The stream:\n\n    code here"
+
+
+def test_rst_simple_table_becomes_a_markdown_table():
+    to_markdown = _rst()
+    table = (
+        "Intro\n\n"
+        "=======  ==========\n"
+        "left     right side\n"
+        "=======  ==========\n"
+        "``a``    one\n"
+        "b        two words\n"
+        "=======  ==========\n\n"
+        "After"
+    )
+    assert to_markdown(table) == (
+        "Intro\n\n| left | right side |\n|---|---|\n| ``a`` | one |\n| b | two words |\n\nAfter"
+    )
+
+
+def test_rst_math_directive_with_two_equations_and_text_after():
+    to_markdown = _rst()
+    text = ".. math::\n    a = 1,\n\n    b = 2\n\nwith :math:`t` steps"
+    assert to_markdown(text) == "$$\na = 1,\n$$\n\n$$\nb = 2\n$$\n\nwith $t$ steps"

@@ -31,7 +31,8 @@ def _role(match: re.Match[str]) -> str:
 
 
 def _math_blocks(lines: list[str]) -> list[str]:
-    """``.. math:: a`` plus the lines indented below it -> ``$$``, the formula, ``$$``."""
+    """``.. math:: a`` plus the lines indented below it -> ``$$``, the formula, ``$$``; a blank
+    line inside the directive starts another equation (another ``$$`` block)."""
     out: list[str] = []
     i = 0
     while i < len(lines):
@@ -41,15 +42,28 @@ def _math_blocks(lines: list[str]) -> list[str]:
             i += 1
             continue
         indent = found.group("indent")
-        body = [found.group("first").strip()] if found.group("first").strip() else []
+        first = found.group("first").strip()
+        equations: list[list[str]] = [[first] if first else []]
         i += 1
-        while i < len(lines) and (
-            not lines[i].strip() and not body or lines[i].startswith(indent + " ")
-        ):
-            if lines[i].strip():
-                body.append(lines[i].strip())
+        while i < len(lines):
+            line = lines[i]
+            if line.strip():
+                if not line.startswith(indent + " ") or len(line) - len(line.lstrip()) <= len(
+                    indent
+                ):
+                    break
+                equations[-1].append(line.strip())
+            else:  # a blank line: the directive goes on only if an indented line follows
+                following = next((x for x in lines[i + 1 :] if x.strip()), "")
+                if not following.startswith(indent + " "):
+                    break
+                if equations[-1]:
+                    equations.append([])
             i += 1
-        out += [f"{indent}$$", *(f"{indent}{line}" for line in body), f"{indent}$$"]
+        for k, body in enumerate(e for e in equations if e):
+            if k:
+                out.append("")
+            out += [f"{indent}$$", *(f"{indent}{line}" for line in body), f"{indent}$$"]
     return out
 
 
