@@ -59,11 +59,11 @@ def dist(tmp_path_factory) -> dict[str, Path]:
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("packaging")
     tree = tmp / "tree"
-    shutil.copytree(
-        ROOT,
-        tree,
-        ignore=shutil.ignore_patterns(*_NOT_SOURCE, "__pycache__", "*.egg-info", ".*_cache"),
-    )
+    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*_NOT_SOURCE, "*.egg-info"))
+    # junk a checkout gathers, which the sdist must leave out wherever it lies
+    for junk in ("src/polyak/__pycache__/ema.cpython-311.pyc", "bench/results/plot.png"):
+        (tree / junk).parent.mkdir(parents=True, exist_ok=True)
+        (tree / junk).write_bytes(b"junk")
     out = tmp / "dist"
     # sdist first, then the wheel built from the unpacked sdist: a file the sdist lacks fails here
     _run(sys.executable, "-m", "build", "--no-isolation", "--outdir", out, tree, timeout=300)
@@ -84,7 +84,7 @@ def test_wheel_holds_the_package_and_nothing_else(dist):
     source = {
         str(p.relative_to(ROOT / "src"))
         for p in (ROOT / "src" / "polyak").rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.endswith(".pyc")
     }
     package = {n for n in names if n.startswith("polyak/")}
     assert package == source  # every module, py.typed included, and nothing else
