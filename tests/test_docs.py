@@ -103,6 +103,7 @@ def test_the_requires_convention(tmp_path):
     assert second.needs == [] and second.code == "# a comment, not a need\ny = 2\n"
     assert unmet("no_such_module_here") == "no_such_module_here is not installed"
     assert unmet("torch") is None
+    assert (unmet("cuda") is None) == torch.cuda.is_available()
     assert unmet("torch<1") is not None and unmet("torch<999") is None
 
 
