@@ -107,25 +107,47 @@ def test_the_requires_convention(tmp_path):
     assert unmet("torch<1") is not None and unmet("torch<999") is None
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
-def test_page_code_runs(page, tmp_path, monkeypatch):
-    blocks = python_blocks(page)
-    if not blocks:
-        pytest.skip("no python blocks")
-    monkeypatch.chdir(tmp_path)
-    torch.manual_seed(0)
+def run_page(page: Path) -> tuple[int, list[str]]:
+    """Run the python blocks of ``page`` in order in one namespace, in the current directory;
+    ``(blocks run, why each skipped block was skipped)``."""
     namespace: dict = {"__name__": "__docs__"}
     ran, skipped = 0, []
-    for block in blocks:
+    for block in python_blocks(page):
         why = [w for w in map(unmet, block.needs) if w]
         if why:
             skipped.append(f"line {block.line}: {'; '.join(why)}")
             continue
-        where = f"{page.relative_to(ROOT)}:{block.line}"
-        # line numbers of a traceback point into the page
+        # blank lines first, so that a traceback's line numbers are the page's
         code = "\n" * block.line + block.code
-        exec(compile(code, where.rsplit(":", 1)[0], "exec"), namespace)
+        exec(compile(code, str(page), "exec"), namespace)
         ran += 1
+    return ran, skipped
+
+
+def test_run_page_skips_unmet_blocks_and_shares_one_namespace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    page = tmp_path / "p.md"
+    page.write_text(
+        "```python\nx = 1\n```\n\n"
+        "```python\n# requires: no_such_module_here\nraise RuntimeError('must not run')\n```\n\n"
+        "```python\nassert x == 1\nopen('out.txt', 'w').write('ok')\n```\n"
+    )
+    ran, skipped = run_page(page)
+    assert ran == 2 and skipped == ["line 5: no_such_module_here is not installed"]
+    assert (tmp_path / "out.txt").read_text() == "ok"
+    page.write_text("```python\n\nassert 1 == 2\n```\n")
+    with pytest.raises(AssertionError) as failed:
+        run_page(page)
+    assert failed.traceback[-1].lineno + 1 == 3  # the page's line (pytest counts from 0)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(DOCS)))
+def test_page_code_runs(page, tmp_path, monkeypatch):
+    if not python_blocks(page):
+        pytest.skip("no python blocks")
+    monkeypatch.chdir(tmp_path)
+    torch.manual_seed(0)
+    ran, skipped = run_page(page)
     if not ran:
         pytest.skip(f"every block needs what is missing here: {skipped}")
 
