@@ -11,6 +11,10 @@ Peers: ``pip install torch-ema ema-pytorch`` and ``pip install --no-deps timm`` 
 ``timm/utils/model_ema.py``, is loaded by path, so timm and torchvision are never imported; or point
 ``--timm-file`` at that file from an unpacked wheel).
 
+polyak's drop-in replacements (``polyak.compat``: torch_ema, timm V2/V3, ema-pytorch) get rows of
+their own (``compat_*``), configured as their originals' rows are, and a target against the
+``polyak`` row of the same kernel: at most 1.05x.
+
 What it does, per workload (``--workloads``; CPU runs use the same tensor counts with fewer elements,
 except ResNet-50, which always runs at full size):
 
