@@ -32,7 +32,7 @@ from tests.test_readme import tour_script
 
 ROOT = Path(__file__).resolve().parents[1]
 # never copied into the build: environments, build output, caches, version control
-_NOT_SOURCE = (".venv", "venv", "build", "dist", ".git", "site", "polyak-demo")
+_NOT_SOURCE = (".venv", "venv", "build", "dist", ".git", "site", "polyak-demo", ".hypothesis")
 
 
 def _missing() -> str | None:
@@ -59,7 +59,9 @@ def dist(tmp_path_factory) -> dict[str, Path]:
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("packaging")
     tree = tmp / "tree"
-    shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*_NOT_SOURCE, "*.egg-info"))
+    shutil.copytree(
+        ROOT, tree, ignore=shutil.ignore_patterns(*_NOT_SOURCE, "*.egg-info", ".*_cache")
+    )
     # junk a checkout gathers, which the sdist must leave out wherever it lies
     for junk in ("src/polyak/__pycache__/ema.cpython-311.pyc", "bench/results/plot.png"):
         (tree / junk).parent.mkdir(parents=True, exist_ok=True)
