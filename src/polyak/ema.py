@@ -74,7 +74,8 @@ class EMA:
             weights every ``every`` steps, at the end of :meth:`update`); ``decay=d`` is
             ``rule=polyak.averagers.Exponential(d)``. Not both. The EMA advances the rule object
             it is given (its state, such as Uniform's count, is in :meth:`state_dict`), so give
-            each EMA its own.
+            each EMA its own. A rule with several slots
+            (:class:`polyak.averagers.Exponentials`, ``BEMA``, ``LAWA``) keeps each of them.
         buffers: ``"average"`` (floating buffers such as BatchNorm statistics averaged like weights,
             integer buffers such as ``num_batches_tracked`` copied), ``"copy"`` (every buffer copied
             at each update) or ``"none"`` (buffers not tracked; exports take them from the model).
