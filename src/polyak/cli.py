@@ -39,6 +39,28 @@ def _parts(text: str) -> list[int]:
     return parts
 
 
+def _sigma_rel_list(text: str) -> tuple[float, ...]:
+    """``0.05,0.10`` -> (0.05, 0.1), each checked to lie in (0, sqrt(1/12))."""
+    from polyak.posthoc import sigma_rel_to_gamma
+
+    try:
+        values = tuple(float(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected sigma_rel values separated by commas (e.g. 0.05,0.10), got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one sigma_rel, got {text!r}")
+    for value in values:
+        try:
+            sigma_rel_to_gamma(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"sigma_rel values must be distinct, got {text!r}")
+    return values
+
+
 def _by_dataset(key: str) -> str:
     """``digits 15, cifar10 30``: the per-dataset defaults of a ``DemoConfig`` field."""
     from polyak.demo.train import DATASET_DEFAULTS
@@ -56,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     per-dataset defaults come from :data:`polyak.demo.train.DATASET_DEFAULTS`, the others from
     :class:`polyak.demo.train.DemoConfig`.
     """
+    from polyak.demo import train as train_defaults
     from polyak.demo.train import DemoConfig
 
     config = DemoConfig()
@@ -217,6 +240,43 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="training batches update_bn sees for --bn recompute (default: %(default)s)",
     )
+    posthoc = demo.add_argument_group("post-hoc EMA (choose the EMA length after training)")
+    posthoc.add_argument(
+        "--posthoc",
+        action="store_true",
+        help="also keep power-function EMAs (EDM2) and write their snapshots to OUT/posthoc "
+        "(OUT/posthoc/seed-<n> with several seeds), for polyak posthoc; holds out a validation "
+        "split (see --val-fraction) (default: off)",
+    )
+    posthoc.add_argument(
+        "--posthoc-sigma-rels",
+        type=_sigma_rel_list,
+        metavar="S[,S...]",
+        help="the sigma_rel of the tracked power-function EMAs, in (0, 0.2887) "
+        f"(default: {','.join(f'{s:.2f}' for s in config.posthoc_sigma_rels)})",
+    )
+    posthoc.add_argument(
+        "--snapshot-every",
+        type=_positive_int,
+        metavar="N",
+        help=f"write a snapshot every N optimizer steps, and at the end (default: total steps "
+        f"// {train_defaults._SNAPSHOTS}, about {train_defaults._SNAPSHOTS} snapshots)",
+    )
+    posthoc.add_argument(
+        "--val-fraction",
+        type=float,
+        metavar="F",
+        help="hold out this fraction of the training images (by class, fixed) for validation "
+        f"(default: {train_defaults._POSTHOC_VAL_FRACTION} with --posthoc, else 0)",
+    )
+    posthoc.add_argument(
+        "--compare",
+        action="append",
+        metavar="NAME[:key=value,...]",
+        help="also keep an EMA with this schedule (as --schedule) and report its final "
+        "validation and test accuracy; repeat for several, e.g. --compare "
+        "tf_warmup:decay=0.999 (default: none)",
+    )
     output = demo.add_argument_group("output")
     output.add_argument(
         "--out",
@@ -241,7 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from polyak.demo.train import DemoConfig, check_out_dir, load_dataset, run_demo
+    from polyak.demo.train import (
+        DemoConfig,
+        check_out_dir,
+        check_snapshot_dir,
+        load_dataset,
+        run_demo,
+    )
 
     if args.schedule is not None:
         try:
@@ -267,12 +333,28 @@ def _demo(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         parser.error(
             f"give --epochs or --steps, not both (got --epochs {args.epochs} --steps {args.steps})"
         )
+    if not args.posthoc:
+        for option, value in (
+            ("--posthoc-sigma-rels", args.posthoc_sigma_rels),
+            ("--snapshot-every", args.snapshot_every),
+        ):
+            if value is not None:
+                parser.error(f"{option} applies with --posthoc; add --posthoc to keep snapshots")
+    for spec in args.compare or ():
+        try:
+            parse_schedule(spec)
+        except ValueError as error:
+            parser.error(f"--compare: {error}")
     fields = set(DemoConfig.__dataclass_fields__)
-    config = DemoConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    given = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    given["compare"] = tuple(args.compare or ())
+    config = DemoConfig(**given)
     try:  # problems with the options, the data or --out: a message, not a traceback
         config = config.resolved()
         data = load_dataset(config)
         check_out_dir(config.out)  # before training, not when the results are written
+        if config.posthoc:
+            check_snapshot_dir(config.out)
     except (FileNotFoundError, ValueError) as error:
         print(f"polyak demo: error: {error}", file=sys.stderr)
         return 2
