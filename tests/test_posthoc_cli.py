@@ -25,7 +25,7 @@ from polyak.bn import update_bn
 from polyak.cli import build_parser, main
 from polyak.demo.data import DeviceData, load_digits
 from polyak.demo.model import SeedCNN
-from polyak.demo.sweep import sigma_rel_grid
+from polyak.demo.sweep import best_row, sigma_rel_grid
 from polyak.demo.train import DemoConfig, bn_batches, load_dataset
 
 TINY = ["--steps", "30", "--width", "8", "--batch-size", "128", "--lr", "0.1", "--threads", "1",
@@ -250,6 +250,21 @@ def test_best_is_chosen_on_validation_and_saved(evaluated) -> None:
     assert f"best by validation: sigma_rel {best[0]:.4f}, val {best[1]}%, test {best[3]}%" in stdout
     assert (result / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(result.glob(".*.tmp"))
+
+
+def test_best_row_breaks_ties_by_validation_loss_and_never_reads_test() -> None:
+    rows = [
+        {"val_acc": 0.90, "val_loss": 0.05, "test_acc": 0.99},
+        {"val_acc": 0.95, "val_loss": 0.30, "test_acc": 0.90},
+        {"val_acc": 0.95, "val_loss": 0.20, "test_acc": 0.91},
+        {"val_acc": 0.95, "val_loss": 0.20, "test_acc": 0.98},
+        {"val_acc": 0.94, "val_loss": 0.01, "test_acc": 0.97},
+    ]
+    assert best_row(rows) == 2  # accuracy first, then loss, then the first of equals
+    assert best_row([{k: v for k, v in r.items() if k != "test_acc"} for r in rows]) == 2
+    assert best_row(rows[:2]) == 1 and best_row(rows[:1]) == 0
+    with pytest.raises(ValueError, match="at least one evaluated row"):
+        best_row([])
 
 
 def test_one_reconstruct_call_for_the_whole_sweep(

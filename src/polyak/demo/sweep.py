@@ -28,7 +28,7 @@ import torch
 from polyak import posthoc
 from polyak.io import atomic_path, save_safetensors
 
-__all__ = ["DemoRun", "Sweep", "find_run", "save", "sigma_rel_grid", "sweep"]
+__all__ = ["DemoRun", "Sweep", "best_row", "find_run", "save", "sigma_rel_grid", "sweep"]
 
 _METRICS = "metrics.json"
 
@@ -146,10 +146,13 @@ class Sweep:
         return out
 
 
-def _rank(row: dict[str, Any]) -> tuple[float, float]:
-    """Smaller is better: the highest validation accuracy, then the lowest validation loss (the
-    first row of equals wins)."""
-    return -row["val_acc"], row["val_loss"]
+def best_row(rows: Sequence[dict[str, Any]]) -> int:
+    """The index of the row with the highest ``val_acc``; among equal accuracies the lowest
+    ``val_loss``, then the first. Only validation scores are read: the test split never
+    influences the choice."""
+    if not rows:
+        raise ValueError("best_row needs at least one evaluated row, got none.")
+    return min(range(len(rows)), key=lambda i: (-rows[i]["val_acc"], rows[i]["val_loss"], i))
 
 
 def sweep(
@@ -215,7 +218,7 @@ def _evaluate(result: Sweep, states: list[dict[str, torch.Tensor]], seed: int, c
             model = new_model()
             model.load_state_dict(state | copied, strict=True)
             row |= evaluate_weights(model.to(data.device), data, config, seed)
-            if result.best is None or _rank(row) < _rank(result.rows[result.best]):
+            if best_row(result.rows[: i + 1]) == i:  # the best so far: keep its weights
                 result.best = i
                 result.best_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
