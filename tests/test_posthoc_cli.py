@@ -320,10 +320,14 @@ def test_an_earlier_step_is_not_compared_with_the_final_fixed_emas(run, tmp_path
 
 def test_bn_copy_keeps_the_live_statistics_of_the_last_snapshot(tmp_path: Path) -> None:
     code, _, stderr = _main(
-        "demo", *TINY, "--seeds", "1", "--bn", "copy", "--posthoc", "--snapshot-every", "10", "--out",
-        str(tmp_path / "run"),
+        "demo", *TINY, "--seeds", "1", "--bn", "copy", "--posthoc", "--snapshot-every", "10",
+        "--compare", "tf_warmup:decay=0.99", "--out", str(tmp_path / "run"),
     )  # fmt: skip
     assert code == 0, stderr
+    # With bn=copy no evaluation draws random numbers: the compared slot with the demo's own
+    # schedule is, bit for bit, the demo's EMA, evaluated the other way (a copy, not swapped).
+    final = json.loads((tmp_path / "run" / "metrics.json").read_text())["runs"][0]["final"]
+    assert final["compare"]["tf_warmup:decay=0.99"]["test_acc"] == final["ema_acc"] > 0.3
     snaps = tmp_path / "run" / "posthoc"
     code, _, stderr = _main(
         "posthoc", "--snapshots", str(snaps), "--sigma-rel", "0.1,0.2", "--eval", "--no-plot",
