@@ -105,3 +105,20 @@ def test_posthoc_block_runs(tmp_path, monkeypatch):
     assert [s.step for s in polyak.posthoc.read_index(tmp_path / "ph")][-1] == 95
     assert set(namespace["averaged"]) == {"0.weight", "0.bias"}
     assert len(namespace["sweep"]) == 3
+
+
+def test_posthoc_commands_parse():
+    """The shell block's commands are valid ``polyak`` command lines (they are not run: the demo
+    trains for a minute). Each option is checked by the real parser, values included."""
+    import shlex
+
+    from polyak.cli import build_parser
+
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if "polyak posthoc" in b]
+    commands = [line.split("#")[0] for line in block.splitlines() if line.startswith("polyak ")]
+    assert [shlex.split(c)[1] for c in commands] == ["demo", "posthoc"]
+    for command in commands:
+        args, unknown = build_parser().parse_known_args(shlex.split(command)[1:])
+        assert unknown == [], command
+    assert args.eval and len(args.sigma_rel) == 14
