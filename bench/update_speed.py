@@ -11,6 +11,10 @@ Peers: ``pip install torch-ema ema-pytorch`` and ``pip install --no-deps timm`` 
 ``timm/utils/model_ema.py``, is loaded by path, so timm and torchvision are never imported; or point
 ``--timm-file`` at that file from an unpacked wheel).
 
+polyak's drop-in replacements (``polyak.compat``: torch_ema, timm V2/V3, ema-pytorch) get rows of
+their own (``compat_*``), configured as their originals' rows are, and a target against the
+``polyak`` row of the same kernel: at most 1.05x.
+
 What it does, per workload (``--workloads``; CPU runs use the same tensor counts with fewer elements,
 except ResNet-50, which always runs at full size):
 
@@ -792,6 +796,132 @@ def _kernel_applies(kernel: str) -> Callable[[Workload], bool]:
     return {"fused": _fused_here, "triton": _triton_here}.get(kernel, _any)
 
 
+# ---------------------------------------------------------------- polyak.compat drop-ins
+#
+# The shims run on polyak.EMA; their rows are timed in the same rounds as polyak's, and their
+# target is the ratio to the polyak row with the same kernel (what a user pays for keeping the
+# old class's API). Each is configured as its peer row is (constant DECAY, warm-ups off) and,
+# where the class can say so, to the workload's set of tensors; where it cannot (timm averages
+# or copies every buffer; ema-pytorch and timm V2 have no bf16-shadow option), it has no row.
+SHIM = "compat_"
+SHIM_TARGET = "polyak.compat drop-in <= 1.05x polyak.EMA (same kernel)"
+
+
+def _engine_kernel(ema: Any) -> str:
+    """The label of the polyak row a shim's EMA runs like: its kernel, ``+SR`` if stochastic."""
+    return ema.kernel + ("+SR" if getattr(ema, "rounding", "nearest") == "stochastic" else "")
+
+
+def _buffers_expressible(wl: Workload) -> bool:
+    """timm's classes always handle buffers: they match a workload that tracks them, or a
+    model that has none."""
+    return wl.buffers or not any(True for _ in wl.model.buffers())
+
+
+def _import_compat(module: str) -> Any:
+    try:
+        return importlib.import_module(f"polyak.compat.{module}")
+    except ImportError as e:
+        raise Unavailable(
+            f"import polyak.compat.{module} failed ({e}); run with PYTHONPATH=src"
+        ) from e
+
+
+def make_compat_torch_ema(wl: Workload) -> Impl:
+    """``polyak.compat.torch_ema.ExponentialMovingAverage`` of the workload's tensors (integer
+    ones included: the shim copies them), ``use_num_updates=False``; bf16 shadows by
+    ``.to(dtype=torch.bfloat16)`` (the shim's default for bf16 weights is fp32)."""
+    mod = _import_compat("torch_ema")
+    named = wl.avg + wl.copy
+    ema = mod.ExponentialMovingAverage([t for _, t in named], decay=DECAY, use_num_updates=False)
+    note = "use_num_updates=False"
+    if wl.shadow_dtype == torch.bfloat16:
+        ema.to(dtype=torch.bfloat16)
+        note += ", .to(dtype=torch.bfloat16)"
+    engine = ema._ema
+    index = {n: str(i) for i, (n, _) in enumerate(named)}
+
+    def shadow_of(name: str) -> torch.Tensor | None:
+        return engine.average(index[name]) if name in index else None
+
+    return Impl(SHIM + "torch_ema", _engine_kernel(engine), ema.update, shadow_of, note, ema)
+
+
+def make_compat_timm_v2(wl: Workload) -> Impl:
+    mod = _import_compat("timm")
+    ema = mod.ModelEmaV2(wl.model, decay=DECAY)
+    engine = ema._mirror.ema
+    return Impl(
+        SHIM + "timm_v2",
+        _engine_kernel(engine),
+        lambda: ema.update(wl.model),
+        engine.average,
+        "update(model)",
+        ema,
+    )
+
+
+def make_compat_timm_v3(wl: Workload) -> Impl:
+    mod = _import_compat("timm")
+    kw: dict[str, Any] = dict(decay=DECAY, use_warmup=False)
+    note = "use_warmup=False, update(model, step=n)"
+    if _mixed(wl):  # its default for a bf16 model is bf16 averages
+        kw["dtype"] = wl.shadow_dtype
+        note += ", dtype=float32"
+    elif wl.param_dtype == torch.bfloat16:
+        note += ", bf16 shadows with stochastic rounding (its default)"
+    ema = mod.ModelEmaV3(wl.model, **kw)
+    engine = ema._mirror.ema
+    step = [0]
+
+    def update() -> None:
+        step[0] += 1
+        ema.update(wl.model, step=step[0])
+
+    return Impl(SHIM + "timm_v3", _engine_kernel(engine), update, engine.average, note, ema)
+
+
+def make_compat_ema_pytorch(wl: Workload) -> Impl:
+    mod = _import_compat("ema_pytorch")
+    kw: dict[str, Any] = dict(
+        beta=DECAY,
+        min_value=DECAY,
+        update_after_step=0,
+        update_every=1,
+        include_online_model=False,
+    )
+    note = "min_value=beta (constant decay), update_after_step=0, update_every=1"
+    if not wl.buffers:
+        kw["ignore_names"] = {n for n, _ in wl.model.named_buffers()}
+        if kw["ignore_names"]:
+            note += ", buffers in ignore_names"
+    ema = mod.EMA(wl.model, **kw)
+    engine = ema._mirror.ema
+    return Impl(SHIM + "ema_pytorch", _engine_kernel(engine), ema.update, engine.average, note, ema)
+
+
+def _round_to_nearest_shadows(wl: Workload) -> bool:
+    return not _bf16_shadows(wl)
+
+
+def _timm_v3_applies(wl: Workload) -> bool:
+    # bf16 shadows: stochastic rounding (timm's default), a polyak fused+SR kernel
+    return _buffers_expressible(wl) and (not _bf16_shadows(wl) or _fused_here(wl))
+
+
+COMPAT_SPECS: list[Spec] = [
+    Spec(SHIM + "torch_ema", "auto", make_compat_torch_ema),
+    Spec(
+        SHIM + "timm_v2",
+        "auto",
+        make_compat_timm_v2,
+        lambda wl: _buffers_expressible(wl) and _round_to_nearest_shadows(wl),
+    ),
+    Spec(SHIM + "timm_v3", "auto", make_compat_timm_v3, _timm_v3_applies),
+    Spec(SHIM + "ema_pytorch", "auto", make_compat_ema_pytorch, _round_to_nearest_shadows),
+]
+
+
 SPECS: list[Spec] = [
     *(Spec("polyak", k, make_polyak(k), _kernel_applies(k)) for k in POLYAK_KERNELS),
     # bf16 shadows rounded stochastically: the counterpart of timm V3's default
@@ -815,6 +945,7 @@ SPECS: list[Spec] = [
     Spec("timm_v2", "loop", make_timm_v2),
     Spec("timm_v3", "foreach", make_timm_v3),
     Spec("swa_averaged_model", "foreach", make_swa),
+    *COMPAT_SPECS,
     # last: on a GPU whose memory runs short (the 1.31B model), this one is dropped, not a peer
     Spec(RAW, RAW_LIVE, lambda wl: make_raw(wl, live=True), lambda wl: not _mixed(wl)),
 ]
@@ -839,7 +970,8 @@ def polyak_auto_kernel(wl: Workload) -> str | None:
 
 
 def is_peer(impl: str) -> bool:
-    return impl not in ("polyak", RAW)
+    """Another library's EMA: not polyak, not the raw op, not one of polyak's drop-ins."""
+    return impl not in ("polyak", RAW) and not impl.startswith(SHIM)
 
 
 # ---------------------------------------------------------------- tracking check
@@ -1590,6 +1722,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             {
                 "target": target,
                 "workload": row["workload"],
+                "impl": row["impl"],
                 "kernel": row["kernel"],
                 "auto": row["kernel"] == auto.get(row["workload"]),
                 "ratio": None,
@@ -1605,7 +1738,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     ) -> None:
         why = []
         if not row.get("eligible"):
-            why.append(f"polyak/{row['kernel']}: {row.get('excluded_why') or 'not checked'}")
+            why.append(f"{row['impl']}/{row['kernel']}: {row.get('excluded_why') or 'not checked'}")
         if ref is None:
             why.append("no eligible reference row")
         elif isinstance(ref, dict) and not ref.get("eligible"):
@@ -1647,6 +1780,12 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             and r["kernel"] != "reference"
         ]
         rounded = [r for r in group if r["impl"] == "polyak" and r["kernel"].endswith("+SR")]
+        # the drop-ins against polyak.EMA running the same kernel, on any device: what keeping
+        # the old class's API costs on top of the engine
+        polyak_rows = {r["kernel"]: r for r in group if r["impl"] == "polyak"}
+        for r in group:
+            if r["impl"].startswith(SHIM):
+                add(SHIM_TARGET, r, polyak_rows.get(r["kernel"]), 1.05)
         if device == "cpu":
             for r in fast:
                 if raw and mixed:
@@ -1713,7 +1852,8 @@ def render_targets(
         lines.append("- no polyak rows to check")
     for t in targets:
         head = (
-            f"- [{t['verdict']}] {t['target']}: {t['workload']} polyak/{t['kernel']}"
+            f"- [{t['verdict']}] {t['target']}: {t['workload']} "
+            f"{t.get('impl', 'polyak')}/{t['kernel']}"
             f"{' (auto)' if t.get('auto') else ''}"
         )
         if t.get("ratio") is None:

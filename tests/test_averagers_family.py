@@ -1,11 +1,11 @@
-"""The averaging family (issue 15): BEMA, LAWA and Uniform(start=) against direct float64
-implementations of their papers' formulas, host weights against device weights, state round trips,
-bad arguments, the rules as data, and a float64 reference of Switch-EMA.
+"""The averaging family (issue 15): BEMA, LAWA, Uniform(start=) and Switch-EMA against direct
+float64 implementations of their papers' formulas, host weights against device weights, state
+round trips, bad arguments, the rules as data, and every slot stored off the device
+(``offload="cpu"``).
 
 The rules are driven by a small host harness that does what polyak.EMA does with a rule (its
 weights at every ``update_every``-th step, lerped into every slot by the reference kernel, then
-``advance``), since polyak.EMA keeps one slot for now; the one-slot Uniform(start=) also runs
-through polyak.EMA end to end.
+``advance``), and then through polyak.EMA end to end.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ from hypothesis import strategies as st
 from torch import nn
 
 import polyak
-from polyak import _kernels, _state
-from polyak.averagers import BEMA, HOST, LAWA, DeviceOps, Rule, Uniform
+from polyak import _kernels, _state, schedules
+from polyak._kernels import _foreach
+from polyak.averagers import BEMA, HOST, LAWA, DeviceOps, Rule, SwitchEMA, Uniform
 from polyak.averagers._ops import place_state
+from polyak.ema import LoadedSettingsWarning
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (runs on the GPU machine)")
 
 
 def trajectory(steps, seed=0):
@@ -537,7 +541,7 @@ def test_capturable_uniform_start_equals_eager_and_resumes(every):
         assert torch.equal(eager.average(name), resumed.average(name)), name
 
 
-# ------------------------------------------------------------------ Switch-EMA (reference only)
+# ------------------------------------------------------------------ Switch-EMA
 
 
 def switch_ema_reference(theta0, grad, lr, decay, steps, switch_every):
@@ -558,7 +562,7 @@ def switch_ema_reference(theta0, grad, lr, decay, steps, switch_every):
 
 def test_switch_ema_reference_by_hand_and_through_copy_to():
     """The reference on L(θ) = θ²/2 by hand; then polyak's EMA with ``ema.copy_to()`` every N
-    steps (Switch-EMA as user code today) follows it in float64."""
+    steps (Switch-EMA by hand, as for epochs of varying length) follows it in float64."""
     out = switch_ema_reference(
         torch.tensor([1.0], dtype=torch.float64), lambda t, n: t, 0.5, 0.5, 2, 2
     )
@@ -671,3 +675,446 @@ def test_ema_with_lawa_reads_the_mean_of_the_latest_checkpoints(k, every):
     fresh = polyak.EMA(mlp().double(), rule=LAWA(k), update_every=every)
     fresh.load_state_dict(state)
     assert all(torch.equal(fresh.average(n), ema.average(n)) for n in ema.names())
+
+
+# ------------------------------------------------------------------ SwitchEMA through polyak.EMA
+
+
+def switch_rule_reference(theta0, grad, lr, decay, steps, every, update_every):
+    """Li et al. 2024 with polyak's steps, in float64: SGD θ ← θ - lr ∇L(θ) at every step n; at
+    the averaging steps n = k, 2k, ... (k = update_every) the EMA s ← D s + (1 - D) θ with
+    D = d(n-k+1) ⋯ d(n); the first averaging step at or after each multiple of ``every`` then
+    switches, θ ← s. Returns (θ, s) after each step."""
+    theta, ema = theta0.clone(), theta0.clone()
+    pending = every  # the next multiple of every not switched at yet
+    out = []
+    for n in range(1, steps + 1):
+        theta = theta - lr * grad(theta, n)
+        if n % update_every == 0:
+            d = 1.0
+            for m in range(n - update_every + 1, n + 1):
+                d *= float(decay(m))
+            ema = d * ema + (1 - d) * theta
+            if n >= pending:
+                theta = ema.clone()
+                pending = (n // every + 1) * every
+        out.append((theta, ema))
+    return out
+
+
+def quadratic_grad(theta, n):
+    target = torch.linspace(-1, 1, theta.numel(), dtype=torch.float64)
+    return (theta - target) * (1 + 0.1 * math.sin(n))
+
+
+@pytest.mark.parametrize(
+    ("decay", "every", "update_every"),
+    [
+        (0.8, 7, 1),
+        (0.7, 6, 3),  # update_every divides every: switches at 6, 12, ...
+        (0.7, 5, 2),  # it does not: at the first averaging step at or after 5, 10, ...
+        (schedules.tf_warmup(0.9), 4, 4),
+        (0.9, 1, 1),  # a switch at every step: θ follows the EMA
+    ],
+)
+def test_switch_ema_follows_the_float64_reference(decay, every, update_every):
+    model = nn.Linear(6, 1, bias=False).double()
+    theta0 = model.weight.detach().clone().reshape(-1)
+    ema = polyak.EMA(model, rule=SwitchEMA(decay, every=every), update_every=update_every)
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    schedule = decay if callable(decay) else (lambda m: decay)
+    expected = switch_rule_reference(theta0, quadratic_grad, 0.3, schedule, 40, every, update_every)
+    switched = 0
+    for n in range(1, 41):
+        opt.zero_grad()
+        model.weight.grad = quadratic_grad(model.weight.detach().reshape(-1), n).reshape(1, 6)
+        opt.step()
+        before = model.weight.detach().clone()
+        ema.update()
+        theta, s = expected[n - 1]
+        torch.testing.assert_close(model.weight.detach().reshape(-1), theta, rtol=1e-13, atol=1e-14)
+        torch.testing.assert_close(ema.average("weight").reshape(-1), s, rtol=1e-13, atol=1e-14)
+        switched += not torch.equal(model.weight.detach(), before)
+    last = 40 // update_every * update_every  # one switch per multiple of every up to it
+    assert switched == last // every
+
+
+def test_switch_ema_switches_by_hand():
+    rule = SwitchEMA(0.9, every=4)
+    assert [rule.switches(n, n) for n in range(1, 10)] == [False] * 3 + [True] + [False] * 3 + [
+        True,
+        False,
+    ]
+    assert [rule.switches(n - 2, n) for n in (3, 6, 9, 12, 15)] == [False, True, True, True, False]
+    assert rule.weights(3, 4) == (1.0 - 0.9 * 0.9,)  # Exponential's weights
+    assert isinstance(rule, polyak.averagers.Exponential) and rule.slots == ("ema",)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize(("every", "update_every"), [(1, 1), (4, 1), (4, 3), (6, 3), (5, 5)])
+def test_switch_ema_switches_on_the_device_where_it_does_on_the_host(every, update_every, device):
+    rule = SwitchEMA(0.9, every=every)
+    ops = DeviceOps(torch.arange(update_every - 1, -1, -1, device=device))
+    for n in range(update_every, 60, update_every):
+        last = torch.tensor(n, device=device)
+        got = rule.switches(last - (update_every - 1), last, ops)
+        assert got.dtype == torch.bool and bool(got) == rule.switches(n - update_every + 1, n)
+
+
+def bf16_sgd(model, steps, each, seed=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for n in range(1, steps + 1):
+        loss = model(torch.randn(8, 5, generator=gen).bfloat16()).float().pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        each(n)
+
+
+def test_switch_ema_rounds_the_fp32_average_into_bf16_weights():
+    """bf16 weights, fp32 shadows: a plain EMA fed the same weights (updated first) has the same
+    shadows bit for bit; at a switch the weights are the shadows rounded to bf16, and the shadows
+    keep their fp32 bits; the shadows follow the float64 EMA of the weights the update saw."""
+    model = mlp().bfloat16()
+    observer = polyak.EMA(model, 0.9, update_every=2)
+    ema = polyak.EMA(model, rule=SwitchEMA(0.9, every=4), update_every=2)
+    names = ema.names()
+    exact = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+    d = 0.9 * 0.9
+
+    def each(n):
+        seen = {k: p.detach().clone() for k, p in model.named_parameters()}
+        observer.update()
+        ema.update()
+        params = dict(model.named_parameters())
+        if n % 2 == 0:
+            for k in names:
+                exact[k] = d * exact[k] + (1 - d) * seen[k].double()
+        for k in names:
+            shadow = ema.average(k)
+            assert shadow.dtype == torch.float32 and params[k].dtype == torch.bfloat16
+            assert torch.equal(shadow, observer.average(k)), (n, k)
+            torch.testing.assert_close(shadow.double(), exact[k], rtol=1e-5, atol=1e-6)
+            if n % 4 == 0:
+                assert torch.equal(params[k].detach(), shadow.bfloat16()), (n, k)
+                assert not torch.equal(params[k].detach(), seen[k]), (n, k)
+            else:
+                assert torch.equal(params[k].detach(), seen[k]), (n, k)
+
+    bf16_sgd(model, 12, each)
+
+
+def bn_net(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+
+
+def bn_sgd(model, steps, each, seed=1):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(seed)
+    for n in range(1, steps + 1):
+        loss = model(torch.randn(8, 5, generator=gen)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        each(n)
+
+
+@pytest.mark.parametrize("buffers", ["average", "copy", "none"])
+@pytest.mark.parametrize(("every", "update_every"), [(4, 1), (5, 2)])
+def test_switch_ema_is_copy_to_at_the_switch_steps(buffers, every, update_every):
+    """Each buffer policy: the rule's write-back is, bit for bit, a plain EMA's ``copy_to()`` at
+    the reference's switch steps (averaged BatchNorm statistics written with ``"average"``, none
+    changed with ``"copy"`` and ``"none"``), and the model trains on from there alike."""
+    by_rule, by_hand = bn_net(), bn_net()
+    ema = polyak.EMA(
+        by_rule, rule=SwitchEMA(0.8, every=every), buffers=buffers, update_every=update_every
+    )
+    hand = polyak.EMA(by_hand, 0.8, buffers=buffers, update_every=update_every)
+    pending = [every]
+    stats_written = []
+
+    def rule_step(n):
+        running = by_rule[1].running_mean.clone()
+        ema.update()
+        written = not torch.equal(by_rule[1].running_mean, running)
+        stats_written.append(written)
+        if written:
+            assert torch.equal(by_rule[1].running_mean, ema.average("1.running_mean"))
+
+    def hand_step(n):
+        hand.update()
+        if n % update_every == 0 and n >= pending[0]:
+            hand.copy_to()
+            pending[0] = (n // every + 1) * every
+
+    bn_sgd(by_rule, 13, rule_step)
+    bn_sgd(by_hand, 13, hand_step)
+    got, want = by_rule.state_dict(), by_hand.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want), buffers
+    assert all(torch.equal(ema.average(n), hand.average(n)) for n in hand.names())
+    assert any(stats_written) == (buffers == "average")
+    assert int(by_rule[1].num_batches_tracked) == 13  # the copied counter is never rewound
+    # the switches moved the weights (an equality that cannot pass by accident)
+    plain = bn_net()
+    bn_sgd(plain, 13, lambda n: None)
+    assert not torch.equal(plain[0].weight, by_rule[0].weight)
+
+
+@pytest.mark.parametrize("gate", ["host", "device"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_capturable_switch_ema_equals_the_eager_one(monkeypatch, no_host_reads, gate, dtype):
+    """The switch decided on the device, the write-back gated there: the same weights and
+    shadows, bit for bit, as the host path; no tensor read on the host (the CPU plays the device
+    with ``device``, its tensors cut into chunks)."""
+    if gate == "device":
+        monkeypatch.setattr(_foreach, "HOST_GATE_DEVICES", frozenset())
+        monkeypatch.setitem(_foreach.CHUNK_ELEMENTS, "cpu", 8)
+    m1, m2 = mlp().to(dtype), mlp().to(dtype)
+    rule = {"decay": schedules.tf_warmup(0.9), "every": 5}
+    eager = polyak.EMA(m1, rule=SwitchEMA(**rule), update_every=2)
+    captured = polyak.EMA(m2, rule=SwitchEMA(**rule), update_every=2, capturable=True)
+
+    def check(n):
+        if n == 1 or gate == "host":  # the first update plans the gated copy's scratch
+            captured.update()
+        else:
+            with no_host_reads():
+                captured.update()
+        for (k, p), q in zip(m1.named_parameters(), m2.parameters(), strict=True):
+            assert torch.equal(p, q), (n, k)
+            assert torch.equal(eager.average(k), captured.average(k)), (n, k)
+
+    gen = torch.Generator().manual_seed(3)
+    o1, o2 = torch.optim.SGD(m1.parameters(), lr=0.1), torch.optim.SGD(m2.parameters(), lr=0.1)
+    for n in range(1, 15):
+        x = torch.randn(8, 5, generator=gen).to(dtype)
+        for model, opt in ((m1, o1), (m2, o2)):
+            opt.zero_grad()
+            model(x).float().pow(2).mean().backward()
+            opt.step()
+        eager.update()
+        check(n)
+    assert captured.step == 14
+    plain = mlp().to(dtype)  # the switches moved the weights
+    assert not torch.equal(plain[0].weight, m1[0].weight)
+
+
+@pytest.mark.parametrize("capturable", [False, True])
+def test_switch_ema_resumes_exactly(capturable):
+    """Saved between switches (update_every 3, every 4: switches at 6, 9, 12, 18), loaded into a
+    fresh model and EMA: the run goes on bit for bit as the uninterrupted one."""
+    gen = torch.Generator().manual_seed(2)
+    batches = [torch.randn(8, 5, generator=gen) for _ in range(20)]
+
+    def make(seed=0):
+        model = mlp(seed)
+        kwargs = {"update_every": 3, "capturable": capturable}
+        return model, polyak.EMA(model, rule=SwitchEMA(0.8, every=4), **kwargs)
+
+    def train(model, ema, xs):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for x in xs:
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            ema.update()
+
+    straight, straight_ema = make()
+    train(straight, straight_ema, batches)
+    first, first_ema = make()
+    train(first, first_ema, batches[:10])
+    saved = copy.deepcopy({"model": first.state_dict(), "ema": first_ema.state_dict()})
+    resumed, resumed_ema = make(seed=5)
+    resumed.load_state_dict(saved["model"])
+    resumed_ema.load_state_dict(saved["ema"])
+    train(resumed, resumed_ema, batches[10:])
+    assert resumed_ema.step == 20
+    for (k, p), q in zip(straight.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), k
+        assert torch.equal(straight_ema.average(k), resumed_ema.average(k)), k
+
+
+def test_switch_ema_settings_as_data():
+    model = mlp()
+    ema = polyak.EMA(model, rule=SwitchEMA(0.9, every=3))
+    assert repr(ema).startswith("EMA(rule=SwitchEMA(decay=Constant(decay=0.9), every=3), step=0")
+    ema.schedule = schedules.constant(0.5)  # the decay changes; the rule keeps switching
+    assert isinstance(ema.rule, SwitchEMA) and ema.rule.every == 3 and ema.schedule(1) == 0.5
+    state = ema.state_dict()
+    assert state["rule"] == {
+        "type": "SwitchEMA",
+        "settings": {"decay": {"name": "constant", "decay": 0.5}, "every": 3},
+        "state": {},
+        "slots": ["ema"],
+    }
+    other = polyak.EMA(mlp(), rule=SwitchEMA(0.5, every=7))
+    with pytest.warns(LoadedSettingsWarning, match=r"SwitchEMA.every 3 replaces 7"):
+        other.load_state_dict(state)
+    assert other.rule.every == 3 and other._write_back is not None
+    with pytest.raises(ValueError, match=r"'Exponential' here"):
+        polyak.EMA(mlp(), 0.5).load_state_dict(state)
+    assert polyak.EMA(mlp(), 0.5)._write_back is None  # a plain EMA never writes back
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": 0}, r"an int >= 1, got every=0; e.g. SwitchEMA\(0.999, every=steps_per_epoch"),
+        ({"every": 2.5}, r"got every=2.5"),
+        ({"every": True}, r"got every=True"),
+        ({"every": 3, "decay": 1.5}, r"decay"),
+    ],
+)
+def test_switch_ema_refuses_bad_settings(kwargs, match):
+    kwargs.setdefault("decay", 0.9)
+    with pytest.raises(ValueError, match=match):
+        SwitchEMA(**kwargs)
+
+
+def test_a_rule_that_switches_must_read_one_of_its_slots():
+    class SwitchedBEMA(BEMA):
+        def switches(self, first, last, ops=HOST):
+            return True
+
+    with pytest.raises(TypeError, match=r"its read of '0.weight' is not one of its slots"):
+        polyak.EMA(mlp(), rule=SwitchedBEMA())
+
+
+def test_offloaded_switch_ema_equals_the_inline_one():
+    """offload="cpu" (the update on a worker thread, slowed down here): the write-back waits for
+    it, and writes the finished average."""
+    import time
+
+    m1, m2 = bn_net(), bn_net()
+    inline = polyak.EMA(m1, rule=SwitchEMA(0.8, every=3))
+    offloaded = polyak.EMA(m2, rule=SwitchEMA(0.8, every=3), offload="cpu")
+    engine = offloaded._engine
+    update = engine._host_update
+
+    def slow(*args):
+        time.sleep(0.02)
+        update(*args)
+
+    engine._host_update = slow
+    bn_sgd(m1, 10, lambda n: inline.update())
+    bn_sgd(m2, 10, lambda n: offloaded.update())
+    got, want = m2.state_dict(), m1.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert all(torch.equal(offloaded.average(n), inline.average(n)) for n in inline.names())
+
+
+# ------------------------------------------------------------------ slots off the device
+
+
+OFFLOADED = {
+    "lawa": lambda: LAWA(3),
+    "bema": lambda: BEMA(update_after=3),
+    "uniform": lambda: Uniform(start=4),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFLOADED))
+def test_offloaded_slots_equal_the_slots_beside_the_weights(name):
+    """offload="cpu": every slot in host memory, updated on the offload worker from staged
+    weights, bit for bit the slots an EMA keeps beside the weights (on the CPU both are host
+    memory: this runs the offload engine's path, not a device-to-host copy; see the CUDA test)."""
+    every = 2
+    model = mlp().double()
+    inline, theta = weights_seen(
+        model, 15, every, lambda m: polyak.EMA(m, rule=OFFLOADED[name](), update_every=every)
+    )
+    replay = mlp().double()
+    offloaded, theta_again = weights_seen(
+        replay,
+        15,
+        every,
+        lambda m: polyak.EMA(m, rule=OFFLOADED[name](), update_every=every, offload="cpu"),
+    )
+    assert offloaded._engine.policy == "offload"
+    assert all(  # the same weights trained on
+        torch.equal(a, b)
+        for s, t in zip(theta, theta_again, strict=True)
+        for a, b in zip(s, t, strict=True)
+    )
+    for n in inline.names():
+        for slot in inline.slots:
+            assert torch.equal(offloaded.average(n, slot=slot), inline.average(n, slot=slot))
+        assert torch.equal(offloaded.average(n), inline.average(n))
+    if name == "lawa":  # and the float64 mean of the latest 3 checkpoints
+        expected, _ = lawa_reference(theta, every, 3)
+        assert_close([offloaded.average(n) for n in offloaded.names()], expected[15], rel=1e-13)
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", list(OFFLOADED))
+def test_cuda_weights_with_slots_in_pinned_host_memory(name):
+    """Weights on the GPU, every slot in pinned host memory: the same slots, bit for bit, as the
+    slots kept on the GPU (LAWA's weights are 0 and 1: copies, exact on any device), the rule's
+    read works across the devices (BEMA reads the weights too), and swapped() evaluates it."""
+    every = 2
+    models = [mlp().double().cuda(), mlp().double().cuda()]
+    emas = [
+        polyak.EMA(models[0], rule=OFFLOADED[name](), update_every=every),
+        polyak.EMA(models[1], rule=OFFLOADED[name](), update_every=every, offload="cpu"),
+    ]
+    for model, ema in zip(models, emas, strict=True):
+        sgd_cuda(model, 9, ema.update)
+    on_gpu, off = emas
+    for n in on_gpu.names():
+        for slot in on_gpu.slots:
+            shadow = off.average(n, slot=slot)
+            assert shadow.device.type == "cpu" and shadow.is_pinned()
+            reference = on_gpu.average(n, slot=slot).cpu()
+            if name == "lawa":
+                assert torch.equal(shadow, reference), (n, slot)
+            else:
+                torch.testing.assert_close(shadow, reference, rtol=1e-12, atol=1e-13)
+        torch.testing.assert_close(off.average(n).cuda(), on_gpu.average(n), rtol=1e-12, atol=1e-13)
+    x = torch.randn(4, 5, dtype=torch.float64, device="cuda")
+    with on_gpu.swapped(), off.swapped(), torch.no_grad():
+        torch.testing.assert_close(models[1](x), models[0](x), rtol=1e-12, atol=1e-13)
+
+
+@needs_cuda
+@pytest.mark.parametrize("mode", [{"offload": "cpu"}, {"stream": "side"}, {"capturable": True}])
+def test_cuda_switch_ema_equals_the_inline_one(mode):
+    models = [mlp().cuda(), mlp().cuda()]
+    emas = [
+        polyak.EMA(models[0], rule=SwitchEMA(0.8, every=3)),
+        polyak.EMA(models[1], rule=SwitchEMA(0.8, every=3), **mode),
+    ]
+    for model, ema in zip(models, emas, strict=True):
+        sgd_cuda(model, 10, ema.update)
+    for (k, p), q in zip(models[0].named_parameters(), models[1].parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(
+            emas[1].average(k).cuda(), emas[0].average(k), rtol=1e-6, atol=1e-7
+        )
+    assert not torch.equal(mlp().cuda()[0].weight, models[0][0].weight)
+
+
+def sgd_cuda(model, steps, hook, seed=1):
+    dtype = next(model.parameters()).dtype
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(8, 5, generator=gen).to("cuda", dtype)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        hook()
+
+
+def test_a_deep_copy_switches_its_own_model():
+    """copy.deepcopy of a model holding its SwitchEMA: the copy's EMA writes into the copied
+    weights, never into the original's."""
+    model = mlp()
+    model.ema = polyak.EMA(model, rule=SwitchEMA(0.5, every=2))
+    twin = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sgd(twin, 4, twin.ema.update)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert all(torch.equal(p, twin.ema.average(n)) for n, p in twin.named_parameters())
+    assert not torch.equal(twin[0].weight, before["0.weight"])

@@ -455,6 +455,110 @@ def test_peers_as_configured_run_the_same_constant_decay(bench, maker, module, d
     assert res["ok"], res
 
 
+_SHIMS = (
+    "make_compat_torch_ema",
+    "make_compat_timm_v2",
+    "make_compat_timm_v3",
+    "make_compat_ema_pytorch",
+)
+
+
+def _bn_model(dtype=torch.float32):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4)).to(dtype)
+
+
+@pytest.mark.parametrize("maker", _SHIMS)
+@pytest.mark.parametrize(
+    ("case", "dtype", "shadow", "buffers"),
+    [
+        ("fp32", torch.float32, torch.float32, False),
+        ("fp32 + buffers", torch.float32, torch.float32, True),
+        ("bf16 weights, fp32 shadows", torch.bfloat16, torch.float32, False),
+        ("bf16 shadows", torch.bfloat16, torch.bfloat16, False),
+    ],
+)
+def test_drop_ins_as_configured_track_the_workload_and_run_its_decay(
+    bench, maker, case, dtype, shadow, buffers
+):
+    """Each polyak.compat row, where the bench gives it one, tracks exactly the workload's
+    tensors (averaged, copied), passes the value check at DECAY, and is labelled with the
+    kernel of the polyak row it is compared with."""
+    _, us = bench
+    model = _bn_model(dtype) if buffers else _mlp(dtype)
+    wl = _workload(bench, model, shadow, buffers=buffers)
+    spec = next(s for s in us.COMPAT_SPECS if s.make is getattr(us, maker))
+    if not spec.applies(wl):
+        assert (maker, case) in {
+            ("make_compat_timm_v2", "bf16 shadows"),  # no bf16-shadow option in V2
+            ("make_compat_ema_pytorch", "bf16 shadows"),  # nor in ema-pytorch
+        }
+        return
+    impl = spec.make(wl)
+    for _ in range(4):
+        impl.update()
+    seen = us.observe_tracking(wl, [impl])[id(impl)]
+    assert us.compare_tracked_set(wl, seen["states"]) == (True, "")
+    assert seen["shadow_dtype"] == shadow
+    res = us.verify_values(wl, [impl])[id(impl)]
+    assert res["ok"], res
+    rounding = "+SR" if maker == "make_compat_timm_v3" and shadow == torch.bfloat16 else ""
+    chosen = us.polyak_auto_kernel(wl)
+    if rounding:  # timm V3's default for a bf16 model: bf16 shadows rounded stochastically
+        chosen = "fused"
+    assert impl.kernel == chosen + rounding
+    assert impl.impl.startswith(us.SHIM) and not us.is_peer(impl.impl)
+
+
+def test_a_timm_drop_in_has_no_row_where_timm_cannot_leave_buffers_out(bench):
+    _, us = bench
+    wl = _workload(bench, _bn_model(), buffers=False)
+    applies = {s.impl: s.applies(wl) for s in us.COMPAT_SPECS}
+    assert applies == {
+        "compat_torch_ema": True,
+        "compat_timm_v2": False,
+        "compat_timm_v3": False,
+        "compat_ema_pytorch": True,
+    }
+
+
+def test_drop_in_target_pairs_with_the_polyak_row_of_the_same_kernel(bench):
+    _, us = bench
+    base, _ = _drifting_rounds(40, 1.0, seed=8)
+    rows = [
+        _bench_row("many_tiny", "polyak", "foreach", base, 5.0),
+        _bench_row("many_tiny", "polyak", "reference", [t * 3 for t in base], 5.0),
+        _bench_row("many_tiny", "compat_timm_v2", "foreach", [t * 1.02 for t in base], 5.0),
+        _bench_row("many_tiny", "compat_ema_pytorch", "foreach", [t * 1.3 for t in base], 5.0),
+        # a fused+SR drop-in with no polyak fused+SR row in the run: excluded, not compared
+        # with another kernel
+        _bench_row("many_tiny", "compat_timm_v3", "fused+SR", base, 5.0),
+        _bench_row("many_tiny", "timm_v3", "foreach", [t * 0.5 for t in base], 5.0),
+    ]
+    for device in ("cpu", "cuda"):
+        targets = us.evaluate_targets(_result(device, rows))
+        drop_ins = {t["impl"]: t for t in targets if t["target"] == us.SHIM_TARGET}
+        assert drop_ins["compat_timm_v2"]["ratio"] == pytest.approx(1.02, rel=0.01)
+        assert drop_ins["compat_timm_v2"]["verdict"] == "met"
+        assert drop_ins["compat_ema_pytorch"]["verdict"] == "NOT met"
+        assert drop_ins["compat_timm_v3"]["verdict"] == "excluded"
+        assert "no eligible reference row" in drop_ins["compat_timm_v3"]["why"]
+        text = us.render_targets(targets, device)
+        assert "many_tiny compat_timm_v2/foreach (auto) = 1.020x" in text
+
+
+def test_a_drop_in_is_no_candidate_for_the_fastest_peer(bench):
+    _, us = bench
+    base, _ = _drifting_rounds(40, 1.0, seed=9)
+    rows = [
+        _bench_row("resnet50", "polyak", "foreach", base, 5.0),
+        _bench_row("resnet50", "compat_timm_v3", "foreach", [t * 0.3 for t in base], 5.0),
+        _bench_row("resnet50", "timm_v3", "foreach", [t * 2.0 for t in base], 5.0),
+    ]
+    by = {t["target"]: t for t in us.evaluate_targets(_result("cpu", rows))}
+    assert by["polyak <= 0.8x fastest peer (ResNet-50)"]["ratio"] == pytest.approx(0.5, rel=0.02)
+
+
 def _bench_args(reps: int) -> argparse.Namespace:
     """bench_workload's settings for a quick CPU run of fake implementations."""
     return argparse.Namespace(

@@ -423,3 +423,86 @@ def test_cuda_gate_never_syncs_and_keeps_bits(src):
         torch.cuda.set_sync_debug_mode("default")
     for got, want in zip(slots, start, strict=True):
         assert all(map(same_bits, got, want))
+
+
+# ---------------------------------------------------------------- the gated copy (write-back)
+
+COPY_PAIRS = [  # (source dtype, target dtype): an average written into a weight
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float64, torch.float64),
+    (torch.float32, torch.float64),
+]
+
+
+@pytest.mark.parametrize(("src", "dst"), COPY_PAIRS)
+def test_the_gated_copy_is_a_copy_or_nothing_bit_for_bit(gate_path, src, dst):
+    """A set gate leaves every target's bits (NaN/inf sources included); a clear gate, or none,
+    gives ``target.copy_(source)`` (rounded to the target's dtype), NaN and inf included, also
+    for a tensor cut into chunks."""
+    shapes = [(3,), (4, 5), (), (2, 3, 3), (40,)]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(_foreach.CHUNK_ELEMENTS, "cpu", 16)  # cut the tensors of over 16 elements
+        specials = [s.to(src) for s in special_shadows(shapes, torch.float64)]
+        start = special_shadows(list(reversed(shapes)), dst)[::-1]
+        for gate in (torch.tensor(True), torch.tensor(False), None):
+            targets = [t.clone() for t in start]
+            sources = [s.clone() for s in specials]
+            sources[1].copy_(torch.randn(4, 5, generator=torch.Generator().manual_seed(3)) * 1e3)
+            copy = _foreach.GatedCopy(targets, sources)
+            for _ in range(2):  # the second one runs the planned path again
+                copy.copy_(gate)
+            expected = start if gate is not None and bool(gate) else sources
+            for got, want in zip(targets, expected, strict=True):
+                assert same_bits(got, want.to(dst)), (gate, got, want)
+        if gate_path == "device":
+            assert copy._gated is None  # an ungated copy plans nothing
+            copy.copy_(torch.tensor(False))
+            assert copy._gated is not None and copy._gated.cut == [1, 3, 4]  # over 16
+            # one scratch per group, of the target dtype: no upcast buffer (the copy casts)
+            assert len(copy._gated.scratch) == 1 and copy._gated.scratch[0].dtype == dst
+
+
+def test_the_gated_copy_follows_a_rebound_target(monkeypatch):
+    """``param.data = other`` after planning: the cut views of the device path see the new
+    storage."""
+    monkeypatch.setitem(_foreach.CHUNK_ELEMENTS, "cpu", 5)
+    monkeypatch.setattr(_foreach, "HOST_GATE_DEVICES", frozenset())
+    param = nn.Parameter(torch.zeros(4, 3))
+    source = torch.arange(12.0).view(4, 3)
+    copy = _foreach.GatedCopy([param], [source])
+    copy.copy_(torch.tensor(False))
+    assert copy._gated.cut == [0] and torch.equal(param, source)
+    param.data = torch.full((4, 3), 7.0)
+    source.add_(1)
+    copy.copy_(torch.tensor(False))
+    assert torch.equal(param.detach(), source)
+    copy.copy_(torch.tensor(True))
+    assert torch.equal(param.detach(), source)
+
+
+def test_the_device_gated_copy_never_reads_the_gate_nor_allocates(monkeypatch, no_host_reads):
+    monkeypatch.setattr(_foreach, "HOST_GATE_DEVICES", frozenset())
+    gen = torch.Generator().manual_seed(4)
+    targets = [torch.randn(s, generator=gen).bfloat16() for s in [(3,), (4096,)]]
+    sources = [torch.randn(t.shape, generator=gen) for t in targets]
+    copy = _foreach.GatedCopy(targets, sources)
+    gate = torch.tensor(True)
+    copy.copy_(gate)  # plans the scratch
+    before = [t.clone() for t in targets]
+    with no_host_reads():
+        copy.copy_(gate)
+    assert all(map(same_bits, targets, before))
+    assert allocated_bytes(lambda: copy.copy_(gate)) <= 64
+    gate.fill_(False)
+    with no_host_reads():
+        copy.copy_(gate)
+    assert all(same_bits(t, s.bfloat16()) for t, s in zip(targets, sources, strict=True))
+
+
+def test_a_gated_copy_gate_on_another_device_is_refused(monkeypatch):
+    monkeypatch.setattr(_foreach, "HOST_GATE_DEVICES", frozenset())
+    copy = _foreach.GatedCopy([torch.zeros(3)], [torch.ones(3)])
+    with pytest.raises(ValueError, match=r"the gate is on meta but the tensors are on \['cpu'\]"):
+        copy.copy_(torch.tensor(True, device="meta"))

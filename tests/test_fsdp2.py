@@ -133,10 +133,44 @@ def placement(ctx: Context) -> dict[str, object]:
         model(x)
         ema.copy_to()
         out["copied_for_good"] = model(x)
+    _switch_ema(out)
     return out
 
 
 SCENARIOS = {2: [placement]}
+
+
+def _switch_ema(out: dict[str, object]) -> None:
+    """Switch-EMA on FSDP2 (in a rank): every 2 steps the average is written into the local
+    shards, which the optimizer steps and the next forward gathers; an unsharded replica does the
+    same on the same batches."""
+    from torch.distributed.fsdp import fully_shard
+
+    from polyak.averagers import SwitchEMA
+
+    torch.manual_seed(0)
+    model = _net()
+    torch.manual_seed(0)
+    replica = _net()
+    fully_shard(model[0])
+    fully_shard(model[2])
+    fully_shard(model)
+    ema = polyak.EMA(model, rule=SwitchEMA(0.5, every=2))
+    replica_ema = polyak.EMA(replica, rule=SwitchEMA(0.5, every=2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    replica_opt = torch.optim.SGD(replica.parameters(), lr=0.2)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(STEPS):  # switches after steps 2 and 4
+        batch = (torch.randn(6, 4, generator=gen), torch.randn(6, 1, generator=gen))
+        _train_step(model, opt, ema, batch)
+        _train_step(replica, replica_opt, replica_ema, batch)
+    params = dict(model.named_parameters())
+    out["switch_params"] = {n: p.full_tensor() for n, p in params.items()}
+    out["switch_averages"] = {n: ema.average(n).full_tensor() for n in params}
+    out["switch_replica"] = {n: p.detach().clone() for n, p in replica.named_parameters()}
+    x = torch.randn(5, 4, generator=gen)
+    with torch.no_grad():
+        out["switch_forward"] = (model(x), replica(x))
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +251,14 @@ def test_training_goes_on_from_the_trained_weights(ranks):
     for seen in ranks:
         for name, param in seen["next_step"].items():
             close(param, seen["replica_next_step"][name])
+
+
+def test_switch_ema_writes_the_average_into_the_local_shards(ranks):
+    """After the last step (a switch) the sharded parameters are the gathered averages bit for
+    bit, follow the unsharded replica's Switch-EMA run, and the next forward computes with them."""
+    for seen in ranks:
+        for name, param in seen["switch_params"].items():
+            assert torch.equal(param, seen["switch_averages"][name]), name
+            close(param, seen["switch_replica"][name])
+        output, replica_output = seen["switch_forward"]
+        close(output, replica_output)

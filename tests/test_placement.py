@@ -152,6 +152,34 @@ def test_write_copies_into_the_shard(mesh):
     assert torch.equal(live.to_local(), value.to_local())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_planned_write_back_copies_into_the_shard_and_follows_its_values(mesh, dtype):
+    """WriteBack (Switch-EMA's write): planned once over the local shards, every call copies the
+    values as they are then, cast to the live dtype, into the same storage; a set gate skips."""
+    live = sharded(mesh, special((4, 3), dtype))
+    value = sharded(mesh, torch.randn(4, 3))
+    plain, plain_value = torch.nn.Parameter(torch.zeros(2)), torch.tensor([1.5, -2.0])
+    own = _placement.local(live).data_ptr()
+    write = _placement.WriteBack([live, plain], [value, plain_value])
+    start = value.to_local().clone()
+    for _ in range(2):
+        with torch.no_grad():  # the planned shard views see later values
+            value.to_local().mul_(3.0)
+            plain_value.add_(1.0)
+        write()
+        assert _placement.local(live).data_ptr() == own
+        assert torch.equal(live.to_local(), value.to_local().to(dtype))
+        assert torch.equal(plain.detach(), plain_value)
+    assert torch.equal(live.to_local(), (start * 3.0 * 3.0).to(dtype))  # the values then
+    held = bits(_placement.local(live))
+    with torch.no_grad():
+        value.to_local().add_(1.0)
+    write(torch.tensor(True))
+    assert torch.equal(bits(_placement.local(live)), held)
+    with pytest.raises(TypeError, match=r"live tensor is a DTensor"):
+        _placement.WriteBack([live], [torch.ones(4, 3)])
+
+
 def test_a_plain_value_for_a_dtensor_is_refused_before_anything_changes(mesh):
     first = sharded(mesh, torch.zeros(2, 2))
     second = sharded(mesh, torch.zeros(4, 3))

@@ -77,3 +77,30 @@ def test_device_steps_move_with_the_rules_state():
     assert rule.count.is_meta and steps._step.is_meta and steps._num.is_meta
     _, gate = steps.tick(rule, 2)  # the covered offsets moved too: no device mix
     assert gate.is_meta
+
+
+@pytest.mark.parametrize(("every", "update_every"), [(4, 1), (4, 3), (2, 2)])
+def test_switches_on_the_host_and_the_switch_gate_on_the_device(every, update_every):
+    """A rule that switches (SwitchEMA) is asked about the averaging update that just ran: on the
+    host after it, on the device at every call as a gate (True: no write-back), set off the
+    averaging calls whatever the rule says."""
+    rule = averagers.SwitchEMA(0.9, every=every)
+    host, device = HostSteps(), DeviceSteps("cpu", update_every, rule)
+    expected = []
+    for n in range(1, 25):
+        averaging = host.tick(rule, update_every) is not None
+        switched = averaging and host.switches(rule, update_every)
+        if averaging:
+            host.averaged(rule)
+        device.tick(rule, update_every)
+        gate = device.switch_gate(rule, update_every)
+        assert gate.dtype == torch.bool and gate.shape == ()
+        assert bool(gate) == (not switched), n
+        expected.append(switched)
+    pending, want = every, []  # the first averaging call at or after each multiple of every
+    for n in range(1, 25):
+        due = n % update_every == 0 and n >= pending
+        if due:
+            pending = (n // every + 1) * every
+        want.append(due)
+    assert expected == want and any(want)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is in the test extra")
 def test_ruff_clean():
-    paths = [p for p in ("src", "tests", "bench") if (ROOT / p).exists()]
+    paths = [p for p in ("src", "tests", "bench", "docs") if (ROOT / p).exists()]
     result = subprocess.run(
         [sys.executable, "-m", "ruff", "check", *paths],
         cwd=ROOT,

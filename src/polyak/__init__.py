@@ -7,10 +7,11 @@ from typing import Any
 
 from polyak import schedules
 from polyak.ema import EMA
+from polyak.integrations.hook import attach
 
 __version__ = "0.1.0"
 
-__all__ = ["EMA", "__version__", "schedules"]
+__all__ = ["EMA", "__version__", "attach", "schedules"]
 
 _LAZY = ("tf", "bn", "io", "averagers", "posthoc", "distributed")
 

@@ -25,6 +25,12 @@ which tensors it holds: an unsharded root holds plain tensors) and again on the 
 ``store()``, ``copy_to()`` and ``restore()``. They copy for every tensor and never re-point, because
 a captured CUDA graph keeps the storage it was captured with.
 
+:class:`WriteBack` is the planned form of :func:`write` that an update runs (Switch-EMA writes the
+averages into the weights the model trains on, :class:`polyak.averagers.SwitchEMA`): planned once
+over the live tensors' local shards (for FSDP2, the shards the optimizer steps, so the write is
+seen as an optimizer step's is: no reshard), one multi-tensor copy, and gated on the device for
+a capturable update (:class:`polyak._kernels._foreach.GatedCopy`).
+
 Nothing here knows names or averaging: callers pass tensors. FSDP2 and DTensor are looked up only
 where ``torch.distributed`` already loaded them (a model cannot hold a DTensor before that), so this
 module imports nothing of torch.distributed at import time.
@@ -38,9 +44,20 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from polyak._kernels._foreach import GatedCopy
 from polyak._store import local
 
-__all__ = ["Backup", "in_place", "local", "put", "reshard", "save", "take_back", "write"]
+__all__ = [
+    "Backup",
+    "WriteBack",
+    "in_place",
+    "local",
+    "put",
+    "reshard",
+    "save",
+    "take_back",
+    "write",
+]
 
 Pairs = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
@@ -161,3 +178,27 @@ def take_back(backup: Backup) -> None:
             else:
                 local(live).copy_(saved)
     backup.entries = []
+
+
+class WriteBack:
+    """Values copied into live tensors in place, planned once: ``lives[i] <- values[i]``.
+
+    The planned form of :func:`write` for the update path: the live tensors' local shards (a
+    DTensor's, as :func:`write` writes them) and the values' are taken once, here, and every call
+    is one multi-tensor copy, cast to each live tensor's dtype (an fp32 average into a bf16 weight
+    is rounded to nearest; the value keeps its bits). ``gate``: ``None``, or a 0-dim bool tensor on
+    the tensors' device, ``True`` to skip, read there without a host sync (capturable updates).
+
+    Values in pinned host memory (``offload="cpu"``) are copied with ``non_blocking=False``: the
+    host may write those values again right after (a loaded state dict), which must not race a
+    copy still reading them. Callers wait for the update that wrote the values first.
+    """
+
+    def __init__(self, lives: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> None:
+        pairs = list(zip(lives, values, strict=True))
+        _check(pairs)
+        self.copy = GatedCopy([local(t) for t, _ in pairs], [local(v) for _, v in pairs])
+
+    def __call__(self, gate: torch.Tensor | None = None) -> None:
+        with torch.no_grad():
+            self.copy.copy_(gate)

@@ -14,6 +14,10 @@ and the rule's weights are those of that range (:meth:`polyak.averagers.Rule.wei
   sync and gives the weights (0-dim float64 tensors, :class:`polyak.averagers.DeviceOps`) and the
   gate, True where the call is not an averaging update, so the kernel skips it on the device; the
   rule advances where due. Reading ``step`` or ``num_averages`` syncs.
+
+A rule that writes its average back into the weights (``switches``, Switch-EMA) is asked after
+the update: :meth:`HostSteps.switches` on an averaging call, :meth:`DeviceSteps.switch_gate` at
+every call (a gate, as for the kernel).
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class HostSteps:
         """The averaging update ran: advance the rule and count it."""
         rule.advance(True)
         self.num_averages += 1
+
+    def switches(self, rule: Any, update_every: int) -> bool:
+        """Whether the averaging update that just ran (steps ``step-k+1 .. step``) ends by writing
+        the average into the weights (``rule.switches``, :class:`polyak.averagers.SwitchEMA`)."""
+        return bool(rule.switches(self.step - update_every + 1, self.step))
 
 
 class DeviceSteps:
@@ -93,6 +102,15 @@ class DeviceSteps:
         rule.advance(due, ops)
         self._num.add_(due)
         return weights, due.logical_not()
+
+    def switch_gate(self, rule: Any, update_every: int) -> torch.Tensor:
+        """After :meth:`tick`: a 0-dim bool tensor, True where this call does *not* write the
+        average into the weights (not an averaging update, or ``rule.switches`` says no); on the
+        device, no host sync."""
+        last = self._step
+        due = (last % update_every) == 0
+        switch = rule.switches(last - (update_every - 1), last, DeviceOps(self._covered))
+        return torch.logical_not(due & switch)
 
     def to(self, device: torch.device | str, rule: Rule) -> None:
         """Move the counters, and ``rule``'s state, to ``device``."""

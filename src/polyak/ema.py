@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -34,6 +35,7 @@ from polyak._switch import ModeSwitch, Switch
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import Exponential, Rule
 from polyak.bn import BatchNormMonitor
+from polyak.integrations import hook
 from polyak.io import save_safetensors
 
 __all__ = ["EMA", "LoadedSettingsWarning"]
@@ -67,10 +69,13 @@ class EMA:
         decay: a float in [0, 1], or a schedule: any callable ``step -> decay`` (see
             :mod:`polyak.schedules`). Built-in schedules are stored in :meth:`state_dict`.
         rule: instead of ``decay``, another averaging rule (:mod:`polyak.averagers`), e.g.
-            ``rule=polyak.averagers.Uniform()`` for SWA's running mean; ``decay=d`` is
+            ``rule=polyak.averagers.Uniform()`` for SWA's running mean, ``LAWA(k)``, ``BEMA()``,
+            or ``SwitchEMA(d, every=steps_per_epoch)`` (the average written back into the
+            weights every ``every`` steps, at the end of :meth:`update`); ``decay=d`` is
             ``rule=polyak.averagers.Exponential(d)``. Not both. The EMA advances the rule object
-            it is given (its state, such as Uniform's count, is the rule's: save it with
-            ``rule.state_dict()``), so give each EMA its own. One-slot rules only, for now.
+            it is given (its state, such as Uniform's count, is in :meth:`state_dict`), so give
+            each EMA its own. A rule with several slots
+            (:class:`polyak.averagers.Exponentials`, ``BEMA``, ``LAWA``) keeps each of them.
         buffers: ``"average"`` (floating buffers such as BatchNorm statistics averaged like weights,
             integer buffers such as ``num_batches_tracked`` copied), ``"copy"`` (every buffer copied
             at each update) or ``"none"`` (buffers not tracked; exports take them from the model).
@@ -97,9 +102,11 @@ class EMA:
             overlaps the next forward pass; ``optimizer.step()`` and every read of the shadows wait
             for it on the device (no host sync). Tracked tensors that are not ``nn.Parameter``
             (buffers, which that forward pass writes) are first copied on the caller's stream.
-        offload: ``None`` or ``"cpu"``: keep the shadows in pinned host memory and update them on
-            a worker thread from a device-to-host copy, for shadows that do not fit on the GPU. At
-            most one update is in flight; the next ``update()`` waits for the previous one.
+        offload: ``None`` or ``"cpu"``: keep the shadows (every slot of the rule: LAWA's ``k``
+            checkpoints, as its papers keep them on the CPU) in pinned host memory and update them
+            on a worker thread from a non-blocking device-to-host copy, for shadows that do not
+            fit on the GPU. At most one update is in flight; the next ``update()`` waits for the
+            previous one.
         capturable: keep the step counter on the device and compute the decay there, so that
             ``update()`` can be captured in a CUDA graph (built-in schedules only; with
             ``update_every=k`` the lerp runs every call with weight 0 off the k-th steps, and copied
@@ -242,6 +249,7 @@ class EMA:
             policy,
             owned=[optimizer_owned(self._live[n]) for n in self._averaged + self._copied],
         )
+        self._write_back = self._plan_write_back()
         if counter is not None:
             self._set_rng_counter(counter)
         if watch:
@@ -250,6 +258,26 @@ class EMA:
             self._watch = Watch(None, self._live)
             self._watch.dirty = True
             self._bn_monitor = None
+
+    def _plan_write_back(self) -> _placement.WriteBack | None:
+        """For a rule that switches its average into the weights (``rule.switches``,
+        :class:`~polyak.averagers.SwitchEMA`): the planned copy of each averaged tensor's average
+        (the rule's read, which must be one of its slots itself) into the live tensor; else None.
+        Copied tensors are left out: after an averaging update they hold the model's values."""
+        if not callable(getattr(self.rule, "switches", None)):
+            return None
+        values = []
+        for name in self._averaged:
+            averages = [self._store.shadow(name, slot) for slot in self._store.slots]
+            value = self.rule.read(averages, self._live[name])
+            if not any(value is average for average in averages):
+                raise TypeError(
+                    f"the rule {self.rule!r} switches its average into the weights, but its read "
+                    f"of {name!r} is not one of its slots (it computes a new tensor); a rule that "
+                    f"switches must read one slot as is, as SwitchEMA does."
+                )
+            values.append(value)
+        return _placement.WriteBack([self._live[n] for n in self._averaged], values)
 
     def _watch_model(self) -> None:
         """Watch the model's tensors (:mod:`polyak._tracking`) and its BatchNorm statistics."""
@@ -347,7 +375,10 @@ class EMA:
 
     @schedule.setter
     def schedule(self, value: Callable[[int], Any]) -> None:
-        self.rule = Exponential(value)
+        if isinstance(self.rule, Exponential):  # a SwitchEMA keeps switching
+            self.rule = dataclasses.replace(self.rule, decay=value)
+        else:
+            self.rule = Exponential(value)
 
     def update(self) -> None:
         """Call once per optimizer step: ``step += 1``, then average if ``step % update_every == 0``.
@@ -356,6 +387,12 @@ class EMA:
         float from the rule (:data:`polyak.averagers.HOST`), and the kernel was planned at
         construction. With ``capturable=True`` the rule's same formulas run on the device
         (:class:`polyak.averagers.DeviceOps`).
+
+        A rule that switches (:class:`polyak.averagers.SwitchEMA`) then writes the average into
+        the model's weights where it says so, ``θ ← s``, cast to the weights' dtypes (planned in
+        :mod:`polyak._placement`): after waiting for the update (``stream="side"``: the caller's
+        stream waits, on the device; ``offload="cpu"``: the host waits, at those steps only), or
+        gated on the device under ``capturable=True``.
         """
         self._switch.check_update()
         self._ensure_current()
@@ -373,6 +410,8 @@ class EMA:
                 # an off-step is skipped on the device by the gate, not lerped by weight 0,
                 # which would let a NaN in the weights through (0 * nan = nan)
                 self._engine.run(*self._steps.tick(self.rule, self.update_every))
+                if self._write_back is not None:
+                    self._write_back(self._steps.switch_gate(self.rule, self.update_every))
             return
         weights = self._steps.tick(self.rule, self.update_every)
         if weights is None:
@@ -386,12 +425,25 @@ class EMA:
                     raise
                 raise explained from error
         self._steps.averaged(self.rule)
+        if self._write_back is not None and self._steps.switches(self.rule, self.update_every):
+            self._engine.wait()  # the average is complete (side stream, offload worker)
+            self._write_back()
         if self._bn_monitor is not None:
             if self.buffers == "none":
                 self._bn_monitor.note_update()
             number = self._steps.num_averages
             if number in _BN_CHECKS or number % 1000 == 0:
                 self._bn_monitor.check()
+
+    def attach(
+        self, optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]
+    ) -> hook.Attachment:
+        """Call :meth:`update` after every real step of ``optimizer`` (an optimizer post-step
+        hook); returns a handle whose ``remove()`` detaches. ``polyak.attach(optimizer, self)``:
+        steps that ``GradScaler`` skips update nothing, gradient accumulation updates once per
+        ``step()``, and a list of optimizers updates once per round
+        (:mod:`polyak.integrations.hook`)."""
+        return hook.attach(optimizer, self)
 
     @property
     def decay(self) -> float:
@@ -440,7 +492,10 @@ class EMA:
         if slot is not None or name in self._copied:
             return self._store.shadow(name, slot)
         averages = [self._store.shadow(name, s) for s in self._store.slots]
-        return self.rule.read(averages, self._live[name])
+        current = self._live[name]
+        if current.device != averages[0].device:  # offloaded shadows: read where they are
+            current = current.detach().to(averages[0].device)
+        return self.rule.read(averages, current)
 
     def _values(self, slot: str | None = None) -> dict[str, torch.Tensor]:
         """name -> :meth:`_value` for every tracked name, in model order, once no update is
@@ -773,8 +828,8 @@ class EMA:
         shadows = [self._store.shadow(n) for n in self._averaged]
         elements = sum(s.numel() for s in shadows)
         dtypes = sorted({dtype_name(s.dtype) for s in shadows})
-        schedule = self.schedule
-        setting = f"decay={schedule!r}" if schedule is not None else f"rule={self.rule!r}"
+        plain = type(self.rule) is Exponential
+        setting = f"decay={self.schedule!r}" if plain else f"rule={self.rule!r}"
         return (
             f"EMA({setting}, step={self.step}, averaged={n_avg} tensors "
             f"({elements:,} elements, shadows {'/'.join(dtypes) or '-'}), copied={n_copy}, "

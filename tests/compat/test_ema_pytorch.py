@@ -170,3 +170,26 @@ def test_lazy_init_and_errors():
         EMA(make_model(), update_every=0)
     with pytest.raises(ValueError, match="min_decay must not exceed max_decay"):
         EMA(make_model(), beta=0.5, min_value=0.9)
+
+
+def test_attributes_set_between_updates_are_read_at_the_next():
+    """ema-pytorch reads beta, min_value, inv_gamma and power at every update; the shim builds
+    its warm-up once and again when one of them changes. Weights 0, then 1: closed form."""
+    model = torch.nn.Linear(2, 1)
+    torch.nn.init.zeros_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    ema = EMA(model, beta=0.9, min_value=0.9, update_after_step=0, update_every=1)
+    ema.update()  # copies the zeros
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    expected = 0.0
+    for beta in (0.9, 0.9, 0.5, 0.99):
+        ema.beta = ema.min_value = beta
+        ema.update()
+        expected = beta * expected + (1 - beta)
+        assert ema.ema_model.weight[0, 0].item() == pytest.approx(expected, abs=1e-7)
+    ema.min_value = 0.0
+    ema.power = 1.0  # inverse_gamma at epoch n - 0 = 5: 1 - 1 / (1 + 5) = 5/6 < beta
+    ema.update()
+    expected = 5 / 6 * expected + 1 / 6
+    assert ema.ema_model.weight[0, 0].item() == pytest.approx(expected, abs=1e-7)

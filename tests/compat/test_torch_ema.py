@@ -149,3 +149,22 @@ def test_to_dtype_keeps_the_averages():
     torch.testing.assert_close(
         shim.shadow_params[0], torch.full((3,), 1 - 0.81, dtype=torch.float64)
     )
+
+
+@pytest.mark.parametrize("use_num_updates", [True, False])
+def test_a_decay_set_between_updates_is_read_at_the_next(use_num_updates):
+    """torch_ema reads ``self.decay`` at every update; the shim builds its warm-up schedule once
+    per decay, and again when the attribute changes (closed form: weights 0 then 1)."""
+    w = torch.zeros(3)
+    shim = ExponentialMovingAverage([w], 0.9, use_num_updates=use_num_updates)
+    w.fill_(1.0)
+    expected = 0.0
+    for step, decay in enumerate((0.9, 0.9, 0.5, 0.5, 0.99), start=1):
+        shim.decay = decay
+        shim.update()
+        d = min(decay, (1 + step) / (10 + step)) if use_num_updates else decay
+        expected = d * expected + (1 - d)
+        torch.testing.assert_close(shim.shadow_params[0], torch.full((3,), expected))
+    shim.decay = 1.5  # a new value is checked again, not served from the last schedule
+    with pytest.raises(ValueError, match="1.5"):
+        shim.update()

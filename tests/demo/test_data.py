@@ -292,3 +292,79 @@ def test_device_data_batches(channels_last: bool) -> None:
     assert torch.equal(
         torch.cat([y for _, y in test]), torch.from_numpy(data.y_test.astype(np.int64))
     )
+
+
+# ---------------------------------------------------------------- the validation split
+
+
+def _rows(x: np.ndarray) -> list[bytes]:
+    return [image.tobytes() for image in x]
+
+
+def test_validation_split_partitions_the_training_images_by_class() -> None:
+    data = load_digits()
+    split = data.with_validation(0.2)
+    assert split.x_val is not None and split.y_val is not None
+    assert (len(split.y_train), len(split.y_val)) == (1078, 269)
+    for label in range(10):  # round(0.2 * n_c) of each class, counted independently
+        n = int((data.y_train == label).sum())
+        assert int((split.y_val == label).sum()) == int(np.floor(0.2 * n + 0.5))
+    # train + val is the original training set (each image once, with its label), in order
+    original = list(zip(_rows(data.x_train), data.y_train.tolist(), strict=True))
+    train = list(zip(_rows(split.x_train), split.y_train.tolist(), strict=True))
+    val = list(zip(_rows(split.x_val), split.y_val.tolist(), strict=True))
+    assert sorted(train + val) == sorted(original)
+    assert train == [pair for pair in original if pair in set(train)]  # order kept
+    # the test split is untouched and shares no image with validation
+    np.testing.assert_array_equal(split.x_test, data.x_test)
+    np.testing.assert_array_equal(split.y_test, data.y_test)
+    assert not set(_rows(split.x_val)) & set(_rows(data.x_test))
+    assert split.x_train.flags.c_contiguous and split.x_val.flags.c_contiguous
+
+
+def test_validation_split_is_fixed_by_its_seed() -> None:
+    data = load_digits()
+    a, b = data.with_validation(0.2), load_digits().with_validation(0.2)
+    np.testing.assert_array_equal(a.x_val, b.x_val)
+    np.testing.assert_array_equal(a.y_train, b.y_train)
+    other = data.with_validation(0.2, seed=1)
+    assert not np.array_equal(other.x_val, a.x_val)
+
+
+@pytest.mark.parametrize(
+    ("fraction", "error", "message"),
+    [
+        (0.0, ValueError, "fraction must be in (0, 1), got fraction=0.0"),
+        (1.0, ValueError, "fraction must be in (0, 1), got fraction=1.0"),
+        (-0.1, ValueError, "fraction must be in (0, 1)"),
+        ("0.2", TypeError, "fraction must be a float in (0, 1), got fraction='0.2'"),
+        (0.01, ValueError, "leaves an empty validation split"),
+        (0.99, ValueError, "leaves an empty training split"),
+    ],
+)
+def test_validation_split_errors(fraction: object, error: type, message: str) -> None:
+    data = ImageData("t", *_fake(20, 4).values(), classes=tuple("0123456789"))
+    with pytest.raises(error) as info:
+        data.with_validation(fraction)  # type: ignore[arg-type]
+    assert message in str(info.value)
+
+
+def test_validation_split_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="already has a validation split"):
+        load_digits().with_validation(0.2).with_validation(0.2)
+
+
+def test_device_data_serves_the_validation_split() -> None:
+    split = load_digits().with_validation(0.2)
+    data = DeviceData(split, "cpu")
+    batches = list(data.batches("val", 100))
+    assert [len(y) for _, y in batches] == [100, 100, 69]
+    assert torch.equal(
+        torch.cat([y for _, y in batches]), torch.from_numpy(split.y_val.astype(np.int64))
+    )
+    x = torch.cat([x for x, _ in batches])
+    torch.testing.assert_close(x, data.normalize(data.x_val), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="this data has no validation split"):
+        next(DeviceData(load_digits(), "cpu").batches("val", 100))
+    with pytest.raises(ValueError, match="split must be 'test' or 'val', got split='train'"):
+        next(data.batches("train", 100))

@@ -170,8 +170,10 @@ class _ChunkPlan:
         sources: list[torch.Tensor],
         *,
         gated: bool,
+        upcast: bool = True,
     ) -> None:
         self.slots, self.sources, self.gated = slots, sources, gated
+        self.upcast = upcast  # False: no scratch of the shadow dtype (a copy casts on its own)
         self.groups = group_indices(slots[0], sources)
         self.stacked = None if gated else stacked_rows(slots)
         # per (device, shadow dtype), for stacked rows: the N weights, written once per update
@@ -220,7 +222,7 @@ class _ChunkPlan:
             packed += [(False, c) for c in self._pack(pieces, limit)]
             capacity = max(sum(self._size(p) for p in chunk) for _, chunk in packed)
             upcast = values = None
-            if dtype != source_dtype:
+            if dtype != source_dtype and self.upcast:
                 upcast = torch.empty(capacity, dtype=dtype, device=device)
                 self.scratch.append(upcast)
             if self.gated:
@@ -530,3 +532,64 @@ class ForeachUpdate:
             torch._foreach_copy_(shadows, sources)
         for chunk in self.mixed:
             torch._foreach_copy_(chunk.shadows, chunk.sources)
+
+
+class GatedCopy:
+    """``target.copy_(source)`` for every pair, cast to the target's dtype, unless a gate says no.
+
+    ``copy_(gate=None)``: every target takes its source's value (rounded to nearest where the
+    target's dtype is narrower: an fp32 average into a bf16 weight), one ``_foreach_copy_`` over
+    the lists. ``gate``, a 0-dim bool tensor (``True``: skip the copy), is read on the host where
+    it is a CPU tensor (``HOST_GATE_DEVICES``, no device to wait for), and on the device otherwise:
+    per chunk of at most ``CHUNK_ELEMENTS`` the sources are copied (cast) into a scratch of the
+    target dtype, then selected bit for bit through integer views, ``t = t * gate + c * (1 - gate)``
+    (exact for any bits, NaN and inf included), as :class:`ForeachUpdate`'s gated lerp does. No
+    host sync, and nothing allocated after the first gated call, which plans the scratch.
+
+    Used by the EMA to write averages back into a model's weights (Switch-EMA,
+    :class:`polyak.averagers.SwitchEMA`): targets are the live tensors (local shards),
+    sources the shadows. The ungated copy may cross devices (shadows offloaded to the host).
+    """
+
+    def __init__(self, targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+        check_slots([targets], sources)
+        self.targets, self.sources = targets, sources
+        self._gated: _ChunkPlan | None = None
+        self._pointers: list[tuple[int, int]] = []
+
+    def copy_(self, gate: torch.Tensor | None = None) -> None:
+        if gate is not None:
+            check_gate(gate)
+            if gate.device.type not in HOST_GATE_DEVICES:
+                self._copy_gated(gate)
+                return
+            if gate.item():  # a CPU tensor: no device to wait for
+                return
+        torch._foreach_copy_(self.targets, self.sources)
+
+    def _cut_pointers(self, plan: _ChunkPlan) -> list[tuple[int, int]]:
+        return [(self.targets[i].data_ptr(), self.sources[i].data_ptr()) for i in plan.cut]
+
+    def _copy_gated(self, gate: torch.Tensor) -> None:
+        if self._gated is None:
+            devices = {device for device, _, _ in group_indices(self.targets, self.sources)}
+            if devices - {gate.device}:
+                raise ValueError(
+                    f"the gate is on {gate.device} but the tensors are on "
+                    f"{sorted(str(d) for d in devices)}; pass the gate on the tensors' device "
+                    f"(or as a CPU tensor, read on the host)."
+                )
+            self._gated = _ChunkPlan([self.targets], self.sources, gated=True, upcast=False)
+            self._pointers = self._cut_pointers(self._gated)
+        plan = self._gated
+        # views of a cut tensor go stale when its storage moves (a weight's .data re-pointed)
+        if plan.cut and self._cut_pointers(plan) != self._pointers:
+            plan._plan()
+            self._pointers = self._cut_pointers(plan)
+        plan.set_gate(gate)
+        for chunk in plan.chunks:
+            key = (chunk.value_span.device, chunk.value_span.dtype)  # type: ignore[union-attr]
+            torch._foreach_copy_(chunk.values, chunk.sources)
+            torch._foreach_mul_(chunk.slot_bits[0], plan.keep[key])
+            chunk.value_span.mul_(plan.take[key])  # type: ignore[union-attr]
+            torch._foreach_add_(chunk.slot_bits[0], chunk.value_bits)

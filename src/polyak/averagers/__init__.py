@@ -13,13 +13,18 @@ writes its formulas once over an ``ops`` argument, which the EMA evaluates with 
 - :class:`BEMA`: an EMA with weight ``(rho + gamma t) ** -kappa`` read with the bias correction
   ``+ alpha_t (θ - θ_0)`` (Block & Zhang 2025); slots ``ema`` and ``theta0``.
 - :class:`LAWA`: the mean of the latest ``k`` checkpoints, one per averaging update, in ``k``
-  ring slots (Kaddour 2022; Sanyal et al. 2023).
+  ring slots (Kaddour 2022; Sanyal et al. 2023). The papers keep the checkpoints on the CPU:
+  ``polyak.EMA(..., offload="cpu")`` keeps every slot of any rule in (pinned) host memory.
+- :class:`SwitchEMA`: :class:`Exponential` whose average is written back into the model's
+  weights every ``every`` steps, ``θ ← s`` (Li et al. 2024); the rule says when
+  (:meth:`SwitchEMA.switches`), the EMA writes through :mod:`polyak._placement`.
 """
 
 from polyak.averagers._bema import BEMA
 from polyak.averagers._lawa import LAWA
 from polyak.averagers._ops import HOST, DeviceOps, HostOps, Ops
 from polyak.averagers._rule import Exponential, Exponentials, Rule
+from polyak.averagers._switch_ema import SwitchEMA
 from polyak.averagers._uniform import Uniform
 
 __all__ = [
@@ -32,5 +37,6 @@ __all__ = [
     "HostOps",
     "Ops",
     "Rule",
+    "SwitchEMA",
     "Uniform",
 ]

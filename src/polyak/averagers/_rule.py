@@ -40,6 +40,11 @@ class Rule(Protocol):
       ``averages[0]`` by default. A rule whose average is a formula of its slots overrides it
       (BEMA: :math:`s + \alpha_t (\theta_t - \theta_0)` with :math:`\theta_0` a slot; LAWA: the
       mean of its K ring slots).
+    - ``switches(first, last, ops)``, optional (not part of the protocol's checked members): a
+      rule that has it is asked, after each averaging update, whether the update ends by writing
+      its average (its :meth:`read`, which must then be one of its slots as is) into the model's
+      weights; a bool on the host, a 0-dim bool tensor on the device
+      (:class:`~polyak.averagers.SwitchEMA`). Rules without it never write.
 
     A rule never sees tensors of weights: it gives numbers, the kernels lerp. Subclass it to
     inherit the defaults of a stateless one-slot rule.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from typing import Any
@@ -56,6 +57,11 @@ class _Decay:
 
     ema: Any
     frozen: bool = True
+    # the warm-up schedule and the attributes it was built from, rebuilt only when one of them
+    # is another object: building it checks its arguments, a cost not to pay at every update
+    _built: list[Any] = dataclasses.field(
+        default_factory=lambda: [(), None], compare=False, repr=False
+    )
 
     def __call__(self, n: int) -> float:
         ema = self.ema
@@ -64,10 +70,18 @@ class _Decay:
             return 0.0
         if self.frozen and ema.is_frozen:
             return 1.0
-        warmup = schedules.inverse_gamma(
-            ema.inv_gamma, ema.power, max_decay=ema.beta, min_decay=ema.min_value
-        )
-        return float(warmup(epoch))
+        return float(self._warmup()(epoch))
+
+    def _warmup(self) -> schedules.InverseGamma:
+        ema = self.ema
+        now = (ema.inv_gamma, ema.power, ema.beta, ema.min_value)
+        built, warmup = self._built
+        if len(built) != len(now) or not all(map(operator.is_, built, now)):
+            warmup = schedules.inverse_gamma(
+                ema.inv_gamma, ema.power, max_decay=ema.beta, min_decay=ema.min_value
+            )
+            self._built[:] = [now, warmup]
+        return warmup
 
 
 class EMA(nn.Module):
@@ -278,7 +292,8 @@ class EMA(nn.Module):
     def update(self) -> None:
         """Call after every optimizer step (see the class docstring for what each call does)."""
         n = self._calls
-        self._calls += 1
+        # a plain int, set past nn.Module.__setattr__'s checks for parameters and submodules
+        object.__setattr__(self, "_calls", n + 1)
         self.step.add_(1)
         if not self._initted:
             if self.ema_model is None:
@@ -288,8 +303,9 @@ class EMA(nn.Module):
             self.initted.fill_(True)
             self._sync_counters()
             return
-        assert self._mirror is not None and self.ema_model is not None
+        assert self._mirror is not None
         if self.move_ema_to_online_device:
+            assert self.ema_model is not None
             online = next(self.model.parameters()).device
             if next(self.ema_model.parameters()).device != online:
                 self._mirror.refresh()

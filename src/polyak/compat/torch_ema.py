@@ -21,6 +21,8 @@ from polyak.ema import EMA
 
 __all__ = ["ExponentialMovingAverage"]
 
+_UNSET = object()
+
 
 class _Tensors(nn.Module):
     """The tensors given to the EMA, held as buffers named ``"0"``, ``"1"``, ...: polyak then
@@ -84,6 +86,7 @@ class ExponentialMovingAverage:
         self._own = list(parameters)
         self._bound = self._own
         self._decay = Pending()
+        self._warmup_built: tuple[Any, Any] = (_UNSET, None)
         self._shadow_dtype: torch.dtype | None = None
         self._ema = self._build(self._own) if self._own else None
 
@@ -105,14 +108,23 @@ class ExponentialMovingAverage:
                     f"number of shadow parameters maintained by this ExponentialMovingAverage "
                     f"({len(self._own)}); pass the same parameters as at construction."
                 )
-        if self._ema is not None and any(
-            a is not b for a, b in zip(tensors, self._bound, strict=True)
+        if (
+            self._ema is not None
+            and tensors is not self._bound  # the common call, update(): no walk over the list
+            and any(a is not b for a, b in zip(tensors, self._bound, strict=True))
         ):
             old = self._ema
             self._ema = self._build(tensors)
             transfer(old, self._ema)
             self._bound = tensors
         return tensors
+
+    def _warmup(self, decay: float) -> schedules.TFWarmup:
+        """:func:`polyak.schedules.tf_warmup` of ``decay``, built again only when
+        :attr:`decay` is another object (it is read at each update, as in torch_ema)."""
+        if self._warmup_built[0] is not decay:
+            self._warmup_built = (decay, schedules.tf_warmup(decay))
+        return self._warmup_built[1]
 
     @property
     def shadow_params(self) -> list[torch.Tensor]:
@@ -128,7 +140,7 @@ class ExponentialMovingAverage:
         decay = self.decay
         if self.num_updates is not None:
             self.num_updates += 1
-            decay = schedules.tf_warmup(decay)(self.num_updates)
+            decay = self._warmup(decay)(self.num_updates)
         if self._ema is None:
             return
         self._decay.value = decay

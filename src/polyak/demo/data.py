@@ -18,6 +18,7 @@ CIFAR-10 is read from any of three layouts (:func:`load_cifar10`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import zipfile
@@ -69,7 +70,11 @@ _EXPECTED = (
 
 @dataclass(frozen=True)
 class ImageData:
-    """A train/test split of images: uint8 NHWC arrays and uint8 labels in ``[0, classes)``."""
+    """A train/test split of images: uint8 NHWC arrays and uint8 labels in ``[0, classes)``.
+
+    ``x_val``/``y_val``: a validation split held out of the training images
+    (:meth:`with_validation`), or ``None`` (the default: every training image is trained on).
+    """
 
     name: str
     x_train: np.ndarray
@@ -77,6 +82,8 @@ class ImageData:
     x_test: np.ndarray
     y_test: np.ndarray
     classes: tuple[str, ...]
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def num_classes(self) -> int:
@@ -105,6 +112,51 @@ class ImageData:
             mean.append(m / 255.0)
             std.append(np.sqrt(v) / 255.0)
         return np.array(mean), np.array(std)
+
+    def with_validation(self, fraction: float, seed: int = 0) -> ImageData:
+        """A copy whose training images are split into training and validation, by class.
+
+        Of the ``n_c`` training images of class ``c``, ``round(fraction * n_c)`` (chosen by a
+        permutation from ``np.random.default_rng(seed)``, drawn class by class in label order) go
+        to ``x_val``/``y_val`` and the rest stay in ``x_train``/``y_train``, both in their
+        original order. The test split is untouched. Deterministic: the same data, ``fraction``
+        and ``seed`` give the same split on every machine. Digits with ``fraction=0.2``: 1,078
+        training and 269 validation images (the 450 test images unchanged).
+
+        Raises:
+            ValueError: ``fraction`` is not in (0, 1), this data already has a validation split,
+                or a split would be empty.
+        """
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)):
+            raise TypeError(f"fraction must be a float in (0, 1), got fraction={fraction!r}.")
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(
+                f"fraction must be in (0, 1), got fraction={fraction!r}; e.g. 0.2 holds out a "
+                "fifth of the training images for validation."
+            )
+        if self.x_val is not None:
+            raise ValueError(
+                f"{self.name} already has a validation split ({len(self.x_val)} images); split "
+                "the original data instead."
+            )
+        rng = np.random.default_rng(seed)
+        held = np.zeros(len(self.y_train), dtype=bool)
+        for label in np.unique(self.y_train):
+            members = np.flatnonzero(self.y_train == label)
+            count = round(fraction * len(members))
+            held[rng.permutation(members)[:count]] = True
+        if held.all() or not held.any():
+            raise ValueError(
+                f"fraction={fraction!r} of {len(held)} training images leaves an empty "
+                f"{'training' if held.all() else 'validation'} split; choose a fraction nearer 0.5."
+            )
+        return dataclasses.replace(
+            self,
+            x_train=np.ascontiguousarray(self.x_train[~held]),
+            y_train=self.y_train[~held],
+            x_val=np.ascontiguousarray(self.x_train[held]),
+            y_val=self.y_train[held],
+        )
 
 
 def load_digits(split_seed: int = 0, test_fraction: float = 0.25) -> ImageData:
@@ -342,6 +394,8 @@ class DeviceData:
 
         self.x_train, self.y_train = images(data.x_train), labels(data.y_train)
         self.x_test, self.y_test = images(data.x_test), labels(data.y_test)
+        self.x_val = None if data.x_val is None else images(data.x_val)
+        self.y_val = None if data.y_val is None else labels(data.y_val)
         mean, std = data.channel_stats()
         shape = (1, data.channels, 1, 1)
         self._shift = torch.tensor(mean * 255.0, dtype=torch.float32, device=self.device).view(
@@ -372,5 +426,17 @@ class DeviceData:
 
     def test_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """The test set in order, as normalised ``(images, labels)`` batches (no augmentation)."""
-        for i in range(0, int(self.x_test.shape[0]), batch_size):
-            yield self.normalize(self.x_test[i : i + batch_size]), self.y_test[i : i + batch_size]
+        return self.batches("test", batch_size)
+
+    def batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``split`` ("test" or "val") in order, as normalised ``(images, labels)`` batches."""
+        if split not in ("test", "val"):
+            raise ValueError(f"split must be 'test' or 'val', got split={split!r}.")
+        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
+        if x is None or y is None:
+            raise ValueError(
+                "this data has no validation split; build it from "
+                "ImageData.with_validation(fraction) (polyak demo --val-fraction)."
+            )
+        for i in range(0, int(x.shape[0]), batch_size):
+            yield self.normalize(x[i : i + batch_size]), y[i : i + batch_size]

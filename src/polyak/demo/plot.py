@@ -7,7 +7,7 @@ from typing import Any
 
 from polyak.io import atomic_path
 
-__all__ = ["plot_accuracy"]
+__all__ = ["plot_accuracy", "plot_sweep"]
 
 _ERROR_FLOOR = 0.01  # percent: where a perfect score is drawn on the log-scale error panel
 
@@ -69,6 +69,65 @@ def plot_accuracy(
         ax.grid(alpha=0.3, which="both")
     acc_ax.legend(loc="lower right")
     err_ax.legend(loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+def plot_sweep(sweep: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Plot validation and test accuracy against sigma_rel from ``sweep`` (as
+    :meth:`polyak.demo.sweep.Sweep.to_json` gives it, evaluated), with the best sigma_rel by
+    validation marked and the fixed-schedule EMAs of the run (``compare``) as horizontal lines.
+    Agg backend; the PNG is written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    rows = sweep["rows"]
+    sigma = [row["sigma_rel"] for row in rows]
+    fig = Figure(figsize=(6.4, 4.0), dpi=120)
+    ax = fig.subplots()
+    for key, label, color in (
+        ("val_acc", "validation", "tab:orange"),
+        ("test_acc", "test", "tab:blue"),
+    ):
+        ax.plot(
+            sigma,
+            [100 * row[key] for row in rows],
+            marker="o",
+            markersize=3,
+            color=color,
+            label=f"post-hoc EMA, {label}",
+        )
+    best = sweep["best"]
+    ax.axvline(
+        best["sigma_rel"],
+        color="gray",
+        linestyle=":",
+        label=f"chosen on validation: {best['sigma_rel']:.4g}",
+    )
+    for (spec, scores), style in zip(
+        sweep.get("compare", {}).items(),
+        ("--", "-.", (0, (1, 1)), (0, (5, 1)), (0, (3, 1, 1, 1))) * 4,
+        strict=False,
+    ):
+        ax.axhline(
+            100 * scores["test_acc"],
+            color="tab:green",
+            linestyle=style,
+            linewidth=1,
+            label=f"EMA {spec}, test",
+        )
+    ax.set_xlabel("sigma_rel (EMA length relative to training time)")
+    ax.set_ylabel("accuracy (%)")
+    run = sweep.get("run", {})
+    ax.set_title(
+        f"{sweep.get('dataset', '')} seed {run.get('seed', '')}: post-hoc EMA at step {sweep['at']} ({sweep['snapshots']} snapshot files)",
+        fontsize=9,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")

@@ -23,6 +23,16 @@ picks algorithms by timing and runs are not bit-reproducible.
 :func:`run_demo` prints a table, writes ``metrics.json`` (atomically) and ``accuracy.png``, and
 returns the metrics; it leaves torch's global generator, thread count and deterministic-algorithms
 flag as it found them.
+
+Post-hoc EMA (``posthoc=True``, ``polyak demo --posthoc``): beside its EMA each run keeps a
+:class:`polyak.posthoc.PowerEMA` (one EMA, a slot per ``posthoc_sigma_rels``) and writes its
+snapshots to ``<out>/posthoc`` (``<out>/posthoc/seed-<n>`` with several seeds), from which
+``polyak posthoc`` rebuilds and evaluates any EMA length after training (:mod:`polyak.demo.sweep`).
+A validation split (``val_fraction``, 0.2 by default with ``posthoc``) is then held out of the
+training images, so that the length can be chosen on data that is neither trained nor tested on.
+``compare`` adds EMAs of fixed schedules (slots of one more EMA), evaluated at the end on the
+validation and test splits as the sweep evaluates its reconstructions (:func:`evaluate_weights`).
+Without these options nothing of this runs: the default demo is unchanged.
 """
 
 from __future__ import annotations
@@ -48,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import polyak
-from polyak import schedules
+from polyak import averagers, schedules
 from polyak.bn import BatchNormMonitor, update_bn
 from polyak.demo.data import DeviceData, ImageData, load_cifar10, load_digits
 from polyak.demo.model import SeedCNN
@@ -56,11 +66,17 @@ from polyak.io import atomic_path
 
 __all__ = [
     "DATASET_DEFAULTS",
+    "POSTHOC_DIR",
     "DemoConfig",
+    "bn_batches",
     "check_out_dir",
+    "check_snapshot_dir",
+    "device_data_for",
     "evaluate",
+    "evaluate_weights",
     "load_dataset",
     "run_demo",
+    "score",
     "summarize",
 ]
 
@@ -99,6 +115,9 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _BUFFERS = {"average": "average", "copy": "copy", "recompute": "none"}
 _EVAL_BATCH = 1000
+_POSTHOC_VAL_FRACTION = 0.2  # val_fraction's default with posthoc=True
+_SNAPSHOTS = 32  # snapshot_every's default: about this many snapshots per run
+POSTHOC_DIR = "posthoc"
 
 
 @dataclasses.dataclass
@@ -113,6 +132,13 @@ class DemoConfig:
     after 4-pixel zero padding, horizontal flip); digits are not (a flipped digit is another
     digit). ``bn_batches`` training batches, augmented the same way, feed ``update_bn`` for
     ``bn="recompute"``.
+
+    ``val_fraction`` of the training images (by class, fixed:
+    :meth:`~polyak.demo.data.ImageData.with_validation`) are held out for validation; ``None``
+    means 0.2 with ``posthoc`` and 0 (train on all) without. ``posthoc`` keeps power-function
+    EMAs of widths ``posthoc_sigma_rels`` and writes snapshots every ``snapshot_every`` steps
+    (``None``: about 32 per run) to ``<out>/posthoc``. ``compare``: schedule specs (as
+    ``schedule``) of further EMAs whose final validation and test accuracy are reported.
     """
 
     dataset: str = "digits"
@@ -143,6 +169,11 @@ class DemoConfig:
     out: str = "polyak-demo"
     progress: bool = True
     plot: bool = True
+    val_fraction: float | None = None
+    posthoc: bool = False
+    posthoc_sigma_rels: tuple[float, ...] = (0.05, 0.10)
+    snapshot_every: int | None = None
+    compare: tuple[str, ...] = ()
 
     def resolved(self) -> DemoConfig:
         """A copy with the dataset defaults filled in and every option checked."""
@@ -161,6 +192,10 @@ class DemoConfig:
         on_cuda = device.type == "cuda"
         filled["amp"] = on_cuda if self.amp is None else self.amp
         filled["channels_last"] = on_cuda if self.channels_last is None else self.channels_last
+        if self.val_fraction is None:
+            filled["val_fraction"] = _POSTHOC_VAL_FRACTION if self.posthoc else 0.0
+        filled["posthoc_sigma_rels"] = tuple(self.posthoc_sigma_rels)
+        filled["compare"] = tuple(self.compare)
         config = dataclasses.replace(self, **filled)
         config._check()
         return config
@@ -194,6 +229,31 @@ class DemoConfig:
             raise ValueError(f"decay must be in [0, 1], got decay={self.decay!r}; e.g. 0.99.")
         if self.schedule is not None:
             self.decay_schedule()  # raises on a bad NAME[:key=value,...]
+        if not (isinstance(self.val_fraction, (int, float)) and 0.0 <= self.val_fraction < 1.0):
+            raise ValueError(
+                f"val_fraction must be in [0, 1), got val_fraction={self.val_fraction!r}; e.g. "
+                "0.2 holds out a fifth of the training images for validation."
+            )
+        if self.snapshot_every is not None and (
+            not isinstance(self.snapshot_every, int) or self.snapshot_every < 1
+        ):
+            raise ValueError(
+                f"snapshot_every must be a positive int or None, got "
+                f"snapshot_every={self.snapshot_every!r}."
+            )
+        if self.posthoc:
+            from polyak.posthoc import sigma_rel_to_gamma
+
+            for sigma_rel in self.posthoc_sigma_rels:
+                sigma_rel_to_gamma(sigma_rel)  # raises with the range
+            if not self.posthoc_sigma_rels or len(set(self.posthoc_sigma_rels)) != len(
+                self.posthoc_sigma_rels
+            ):
+                raise ValueError(
+                    f"posthoc_sigma_rels must be distinct values, at least one, got "
+                    f"{list(self.posthoc_sigma_rels)}; e.g. 0.05,0.10 (EDM2's)."
+                )
+        self.compare_schedules()  # raises on a bad spec
         if self.dataset == "cifar10" and self.data is None:
             raise ValueError(
                 "the cifar10 dataset needs data=PATH (--data): a directory of part-<i>.npz files, "
@@ -215,17 +275,47 @@ class DemoConfig:
             raise ValueError("decay is None: call config.resolved() to fill in the default.")
         return schedules.tf_warmup(self.decay) if self.warmup else schedules.constant(self.decay)
 
+    def compare_schedules(self) -> dict[str, Callable[[int], float]]:
+        """``compare``'s specs and their parsed schedules, in order."""
+        from polyak.schedules import parse as parse_schedule
+
+        specs = list(self.compare)
+        if len(set(specs)) != len(specs):
+            raise ValueError(f"compare must not repeat a schedule, got compare={specs}.")
+        return {spec: parse_schedule(spec) for spec in specs}
+
 
 def load_dataset(config: DemoConfig) -> ImageData:
-    """The dataset ``config`` names, read from ``config.data`` for CIFAR-10."""
+    """The dataset ``config`` names, read from ``config.data`` for CIFAR-10, with the validation
+    split of ``config.val_fraction`` held out of its training images when that is > 0."""
     if config.dataset == "digits":
-        return load_digits()
-    if config.data is None:
+        image = load_digits()
+    elif config.data is None:
         raise ValueError(
             f"dataset {config.dataset!r} needs data=PATH (--data): a directory of part-<i>.npz "
             "files, a single .npz, or the official cifar-10-batches-bin directory."
         )
-    return load_cifar10(config.data, parts=config.parts)
+    else:
+        image = load_cifar10(config.data, parts=config.parts)
+    return _split(image, config)
+
+
+def _split(image: ImageData, config: DemoConfig) -> ImageData:
+    if config.val_fraction and image.x_val is None:
+        return image.with_validation(config.val_fraction)
+    return image
+
+
+def device_data_for(config: DemoConfig, image: ImageData) -> DeviceData:
+    """``image`` on ``config.device`` as the demo trains on it (CIFAR-10 augmented, digits not)."""
+    augment = config.dataset == "cifar10"
+    return DeviceData(
+        image,
+        torch.device(config.device),
+        padding=4 if augment else 0,
+        flip=augment,
+        channels_last=config.channels_last,
+    )
 
 
 def check_out_dir(out: str | os.PathLike[str]) -> Path:
@@ -256,6 +346,25 @@ def check_out_dir(out: str | os.PathLike[str]) -> Path:
     return path
 
 
+def check_snapshot_dir(out: str | os.PathLike[str]) -> Path:
+    """``<out>/posthoc``, where ``posthoc=True`` writes snapshots; refused if it holds files.
+
+    Snapshots of two runs in one directory would be rebuilt as one run, so an earlier run's
+    directory is never added to (nor deleted: it may be the only copy of a long run).
+
+    Raises:
+        ValueError: the directory exists and is not empty; the message says how to fix it.
+    """
+    path = Path(out) / POSTHOC_DIR
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ValueError(
+            f"{str(path)!r} already holds post-hoc snapshots (or other files) from an earlier "
+            "run; snapshots of two runs cannot share a directory. Remove it, or choose another "
+            "--out."
+        )
+    return path
+
+
 def _lr_factor(config: DemoConfig, total_steps: int) -> Callable[[int], float]:
     """The multiplier of the learning rate at optimizer step ``t`` (0-based): warm-up, then flat or cosine."""
     warm = config.lr_warmup
@@ -272,14 +381,15 @@ def _lr_factor(config: DemoConfig, total_steps: int) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DeviceData, amp: bool = False) -> float:
-    """Test accuracy of ``model`` in eval mode (its training flags are restored afterwards)."""
+def evaluate(model: nn.Module, data: DeviceData, amp: bool = False, split: str = "test") -> float:
+    """Accuracy of ``model`` in eval mode on ``split`` ("test" or "val"; its training flags are
+    restored afterwards)."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=data.device)
     total = 0
     try:
-        for images, labels in data.test_batches(_EVAL_BATCH):
+        for images, labels in data.batches(split, _EVAL_BATCH):
             with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=amp):
                 logits = model(images)
             correct += (logits.argmax(dim=1) == labels).sum()
@@ -288,6 +398,65 @@ def evaluate(model: nn.Module, data: DeviceData, amp: bool = False) -> float:
         for m, training in modes:
             m.training = training
     return correct.item() / total
+
+
+@torch.no_grad()
+def score(
+    model: nn.Module, data: DeviceData, amp: bool = False, split: str = "val"
+) -> dict[str, float]:
+    """``{"acc", "loss"}`` of ``model`` in eval mode on ``split``: accuracy, and the mean
+    cross-entropy :math:`-\frac{1}{N}\\sum_i \\log p_\theta(y_i \\mid x_i)` (float32 logits)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=data.device)
+    loss = torch.zeros((), dtype=torch.float64, device=data.device)
+    total = 0
+    try:
+        for images, labels in data.batches(split, _EVAL_BATCH):
+            with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(images)
+            correct += (logits.argmax(dim=1) == labels).sum()
+            loss += F.cross_entropy(logits.float(), labels, reduction="sum").double()
+            total += int(labels.shape[0])
+    finally:
+        for m, training in modes:
+            m.training = training
+    return {"acc": correct.item() / total, "loss": loss.item() / total}
+
+
+def bn_batches(data: DeviceData, config: DemoConfig, seed: int) -> Iterator[torch.Tensor]:
+    """The training batches ``update_bn`` sees for ``bn="recompute"`` in seed ``seed``'s run:
+    ``config.bn_batches`` augmented batches (fewer if an epoch is shorter), from generators of
+    their own seeded with ``seed + 1``, so every evaluation of the run sees the same ones."""
+    order = torch.Generator().manual_seed(seed + 1)
+    augment = torch.Generator(data.device).manual_seed(seed + 1)
+    bs = config.batch_size
+    perm = torch.randperm(data.num_train, generator=order).to(data.device)
+    for i in range(min(config.bn_batches, data.num_train // bs)):
+        yield data.train_batch(perm[i * bs : (i + 1) * bs], augment)[0]
+
+
+def evaluate_weights(
+    model: nn.Module, data: DeviceData, config: DemoConfig, seed: int
+) -> dict[str, float]:
+    """Validation and test scores of the weights ``model`` holds, as the demo evaluates an
+    average at the end of seed ``seed``'s run (fixed-schedule EMAs, post-hoc reconstructions).
+
+    With ``config.bn == "recompute"`` the BatchNorm statistics of ``model`` are recomputed first
+    (:func:`polyak.bn.update_bn` over :func:`bn_batches`, in place), with torch's generator
+    forked and seeded with ``seed`` for update_bn's dropout: the same weights always get the same
+    statistics, whichever process evaluates them and whatever ran before. Returns ``test_acc``,
+    and ``val_acc`` and ``val_loss`` when ``data`` has a validation split.
+    """
+    with _seeded(data.device, seed):
+        if config.bn == "recompute":
+            with torch.autocast(data.device.type, dtype=torch.bfloat16, enabled=config.amp):
+                update_bn(bn_batches(data, config, seed), model)
+        scores = {"test_acc": evaluate(model, data, config.amp)}
+        if data.x_val is not None:
+            val = score(model, data, config.amp, split="val")
+            scores |= {"val_acc": val["acc"], "val_loss": val["loss"]}
+    return scores
 
 
 def _std(values: list[float]) -> float:
@@ -303,6 +472,17 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         }
         for key in ("raw_acc", "ema_acc")
     }
+    if "compare" in runs[0]["final"]:
+        final["compare"] = {
+            spec: {
+                key: {
+                    "mean": float(np.mean([run["final"]["compare"][spec][key] for run in runs])),
+                    "std": _std([run["final"]["compare"][spec][key] for run in runs]),
+                }
+                for key in scores
+            }
+            for spec, scores in runs[0]["final"]["compare"].items()
+        }
     per_epoch = []
     for i, row in enumerate(runs[0]["epochs"]):
         rows = [run["epochs"][i] for run in runs]
@@ -358,7 +538,15 @@ class _Printer:
 class _Run:
     """One seed's training run."""
 
-    def __init__(self, config: DemoConfig, data: DeviceData, image: ImageData, seed: int) -> None:
+    def __init__(
+        self,
+        config: DemoConfig,
+        data: DeviceData,
+        image: ImageData,
+        seed: int,
+        posthoc_dir: Path | None = None,
+        snapshot_every: int | None = None,
+    ) -> None:
         self.config = config
         self.data = data
         self.seed = seed
@@ -384,24 +572,34 @@ class _Run:
         self.monitor = BatchNormMonitor(self.model)
         self.order = torch.Generator().manual_seed(seed)
         self.augment = torch.Generator(self.device).manual_seed(seed)
+        self.posthoc = self.compare = None
+        if posthoc_dir is not None:  # one EMA, a slot per sigma_rel, one pass per update
+            from polyak.posthoc import PowerEMA
+
+            self.posthoc = PowerEMA(
+                self.model,
+                config.posthoc_sigma_rels,
+                snapshot_every=snapshot_every,
+                snapshot_dir=posthoc_dir,
+                batch_size=config.batch_size,
+                buffers=_BUFFERS[config.bn],
+            )
+        if config.compare:  # the fixed schedules: one more EMA, a slot each
+            compared = config.compare_schedules()
+            self.compare = polyak.EMA(
+                self.model,
+                rule=averagers.Exponentials(tuple(compared.values()), names=tuple(compared)),
+                buffers=_BUFFERS[config.bn],
+            )
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.config.amp)
-
-    def _bn_batches(self) -> Iterator[torch.Tensor]:
-        """Augmented training batches for update_bn, from their own generators (fixed per seed)."""
-        order = torch.Generator().manual_seed(self.seed + 1)
-        augment = torch.Generator(self.device).manual_seed(self.seed + 1)
-        bs = self.config.batch_size
-        perm = torch.randperm(self.data.num_train, generator=order).to(self.device)
-        for i in range(min(self.config.bn_batches, self.data.num_train // bs)):
-            yield self.data.train_batch(perm[i * bs : (i + 1) * bs], augment)[0]
 
     def evaluate_ema(self) -> float:
         if self.config.bn == "recompute":
             averaged = self.ema.averaged_module()
             with self._autocast():
-                update_bn(self._bn_batches(), averaged)
+                update_bn(bn_batches(self.data, self.config, self.seed), averaged)
             self.monitor.check_eval(averaged)
             return evaluate(averaged, self.data, self.config.amp)
         with self.ema.swapped():
@@ -435,6 +633,10 @@ class _Run:
                 self.optimizer.step()
                 scheduler.step()
                 self.ema.update()  # also checks for stale BatchNorm statistics (seed 004)
+                if self.posthoc is not None:
+                    self.posthoc.update()
+                if self.compare is not None:
+                    self.compare.update()
                 if config.bn == "recompute":
                     self.monitor.note_update()
                 loss_sum += loss.detach().float()
@@ -460,13 +662,28 @@ class _Run:
             }
             rows.append(row)
             printer.row(self.seed, row)
-        return {
+        result = {
             "seed": self.seed,
             "epochs": rows,
             "final": {"raw_acc": rows[-1]["raw_acc"], "ema_acc": rows[-1]["ema_acc"]},
             "wall_s": time.perf_counter() - start,
             "train_s": train_time,
         }
+        if self.posthoc is not None:
+            self.posthoc.close()  # the final state, at the last step
+            result["posthoc"] = {
+                "dir": str(self.posthoc.snapshot_dir),
+                "sigma_rels": list(self.posthoc.sigma_rels),
+                "snapshot_every": self.posthoc.snapshot_every,
+            }
+        if self.compare is not None:
+            result["final"]["compare"] = {
+                slot: evaluate_weights(
+                    self.compare.averaged_module(slot=slot), self.data, config, self.seed
+                )
+                for slot in self.compare.slots
+            }
+        return result
 
 
 @contextlib.contextmanager
@@ -540,18 +757,12 @@ def _run_demo(config: DemoConfig, data: ImageData | None, stream: TextIO | None)
     from tqdm.auto import tqdm
 
     out = check_out_dir(config.out)  # before training, not when the results are written
-    image = load_dataset(config) if data is None else data
+    posthoc_root = check_snapshot_dir(out) if config.posthoc else None
+    image = load_dataset(config) if data is None else _split(data, config)
     device = torch.device(config.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    augment = config.dataset == "cifar10"
-    device_data = DeviceData(
-        image,
-        device,
-        padding=4 if augment else 0,
-        flip=augment,
-        channels_last=config.channels_last,
-    )
+    device_data = device_data_for(config, image)
     steps_per_epoch = device_data.num_train // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(
@@ -559,13 +770,15 @@ def _run_demo(config: DemoConfig, data: ImageData | None, stream: TextIO | None)
             "use a smaller --batch-size."
         )
     total_steps = config.steps if config.steps is not None else config.epochs * steps_per_epoch
+    snapshot_every = config.snapshot_every or max(1, total_steps // _SNAPSHOTS)
     printer = _Printer(sys.stdout if stream is None else stream)
     decay = config.schedule or (
         f"tf_warmup({config.decay})" if config.warmup else f"constant({config.decay})"
     )
     printer.write(
         f"polyak {polyak.__version__} demo: {config.dataset} ({device_data.num_train} train / "
-        f"{len(image.y_test)} test), SeedCNN width {config.width}, {total_steps} steps of batch "
+        + ("" if image.y_val is None else f"{len(image.y_val)} validation / ")
+        + f"{len(image.y_test)} test), SeedCNN width {config.width}, {total_steps} steps of batch "
         f"{config.batch_size}, lr {config.lr} ({config.lr_schedule}), EMA decay {decay}, "
         f"BatchNorm {config.bn}, device {device}"
     )
@@ -585,8 +798,14 @@ def _run_demo(config: DemoConfig, data: ImageData | None, stream: TextIO | None)
             _seeded(device, seed),
             _deterministic(device),
         ):
-            run = _Run(config, device_data, image, seed)
-            runs.append(run.train(total_steps, steps_per_epoch, bar, printer))
+            snapshots = None
+            if posthoc_root is not None:
+                snapshots = posthoc_root / f"seed-{seed}" if config.seeds > 1 else posthoc_root
+            run = _Run(config, device_data, image, seed, snapshots, snapshot_every)
+            result = run.train(total_steps, steps_per_epoch, bar, printer)
+            if snapshots is not None:  # relative to --out, so the run directory can move
+                result["posthoc"]["dir"] = snapshots.relative_to(out).as_posix()
+            runs.append(result)
     summary = summarize(runs)
     final = summary["final"]
     printer.write(
@@ -594,9 +813,21 @@ def _run_demo(config: DemoConfig, data: ImageData | None, stream: TextIO | None)
         f"± {100 * final['raw_acc']['std']:.2f}%, EMA {100 * final['ema_acc']['mean']:.2f} ± "
         f"{100 * final['ema_acc']['std']:.2f}%"
     )
+    for spec, scores in final.get("compare", {}).items():
+        printer.write(
+            f"  EMA {spec}: "
+            + ", ".join(
+                f"{key.removesuffix('_acc')} {100 * scores[key]['mean']:.2f} ± "
+                f"{100 * scores[key]['std']:.2f}%"
+                for key in ("val_acc", "test_acc")
+                if key in scores
+            )
+        )
+    extra = {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps}
+    if config.posthoc:
+        extra["snapshot_every"] = snapshot_every
     metrics = {
-        "config": dataclasses.asdict(config)
-        | {"steps_per_epoch": steps_per_epoch, "total_steps": total_steps},
+        "config": dataclasses.asdict(config) | extra,
         "environment": _environment(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "runs": runs,
@@ -610,4 +841,11 @@ def _run_demo(config: DemoConfig, data: ImageData | None, stream: TextIO | None)
     printer.write(
         f"wrote {out / 'metrics.json'}" + (f" and {out / 'accuracy.png'}" if config.plot else "")
     )
+    if posthoc_root is not None:
+        first = out / runs[0]["posthoc"]["dir"]
+        printer.write(
+            f"post-hoc EMA snapshots (sigma_rel {', '.join(map(str, config.posthoc_sigma_rels))}, "
+            f"every {snapshot_every} steps) in {posthoc_root}; choose the EMA length with: "
+            f"polyak posthoc --snapshots {first} --eval"
+        )
     return metrics
