@@ -6,10 +6,10 @@ Nothing of this needs a call of its own in the training loop: ``polyak.EMA(model
   each optimizer step, so every rank holds the same average, and no update communicates;
 - an FSDP2 (``fully_shard``), tensor-parallel, expert-parallel or HSDP model keeps each shadow as
   a DTensor with exactly its parameter's placements (``Shard(0)``; ``(Replicate(), Shard(0))``
-  for HSDP; ``_StridedShard`` under TP + FSDP) and updates each rank's local shard with the fused
-  kernel. An elementwise average needs no communication, so ``update()`` runs no collective, and
-  each rank's shadows take its parameters' local shards' bytes: the full shadow / world size
-  (shards). Shadows are fp32 where the sharded parameters are (FSDP2's ``MixedPrecisionPolicy``
+  for HSDP; ``_StridedShard`` under TP + FSDP) and updates each rank's local shards with the
+  EMA's multi-tensor kernel (``foreach``, or Triton on CUDA). An elementwise average needs no
+  communication, so ``update()`` runs no collective, and each rank's shadows take its parameters'
+  local shards' bytes: the full shadow divided by the number of shards. Shadows are fp32 where the sharded parameters are (FSDP2's ``MixedPrecisionPolicy``
   computes in bf16 from fp32 shards), and bf16/fp16 parameters get fp32 shadows as ever.
   ``offload="cpu"`` keeps the local shards in host memory (pinned on GPU machines).
 
@@ -17,7 +17,7 @@ Nothing of this needs a call of its own in the training loop: ``polyak.EMA(model
 shards into the parameters' local shards (FSDP2 gathers them for the forward as usual) and copy
 the trained shards back bit for bit (:mod:`polyak._placement`).
 
-This module holds what concerns whole processes groups:
+This module holds what concerns whole process groups:
 
 - checkpoints through ``torch.distributed.checkpoint`` (DCP): :meth:`polyak.EMA.state_dict`
   holds the DTensor shadows themselves, so DCP saves each rank's shards and loads them resharded
