@@ -1,6 +1,6 @@
 r"""A Lightning callback that keeps a :class:`polyak.EMA` of the model and evaluates with it.
 
-.. code-block:: python
+In a training script::
 
     from polyak.integrations.lightning import EMACallback
 

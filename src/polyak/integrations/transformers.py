@@ -1,6 +1,6 @@
 """The Hugging Face ``Trainer`` integration: an EMA of the model's weights as a ``TrainerCallback``.
 
-::
+In a training script::
 
     from polyak.integrations.transformers import EMACallback, ema_evaluation
 
