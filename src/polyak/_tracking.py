@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from polyak.errors import ModelChangedError
+
 Include = Callable[[str, torch.Tensor], bool]
 Tracked = list[tuple[str, torch.Tensor, str]]
 
@@ -242,7 +244,8 @@ def followable(
 ) -> dict[str, tuple[torch.Tensor, str]]:
     """The tracked tensors the model replaced or re-cast (:meth:`Watch.changes`), checked to be
     followable: the shape of their average (``shapes``), and on the device planned (or on
-    ``device``, where the EMA is being moved). Otherwise a ``RuntimeError`` names each tensor that
+    ``device``, where the EMA is being moved). Otherwise a
+    :class:`~polyak.errors.ModelChangedError` (a ``RuntimeError``) names each tensor that
     cannot be followed and says how to fix it; nothing was changed."""
     changes = watch.changes(model, live)
     reshaped, moved = [], []
@@ -263,7 +266,7 @@ def followable(
                 "after changing the model's architecture, build a new EMA on it (a checkpoint "
                 "of the old one loads into a model of the old architecture)"
             )
-        raise RuntimeError(
+        raise ModelChangedError(
             "the model no longer holds the tensors this EMA averages, and the EMA cannot "
             "follow:\n  "
             + "\n  ".join(problems[:10])
@@ -277,7 +280,7 @@ def followable(
 
 def failed_update(
     error: RuntimeError, watch: Watch, model: nn.Module | None, live: dict[str, torch.Tensor]
-) -> RuntimeError | None:
+) -> ModelChangedError | None:
     """Why an update raised ``error``, in words a user can act on, or ``None`` (re-raise it as is).
 
     A tensor changed in place where the cheap check (:meth:`Watch.stale`) did not look (a
@@ -287,7 +290,7 @@ def failed_update(
     changes = watch.changes(model, live)
     if changes:
         watch.dirty = True
-        return RuntimeError(
+        return ModelChangedError(
             "ema.update() failed because the model's tensors changed since the EMA "
             "planned its update: "
             + "; ".join(f"{n} {what}" for n, (_, what) in list(changes.items())[:10])
@@ -296,7 +299,7 @@ def failed_update(
             "device, call ema.to(device) first."
         )
     if "device" in str(error):
-        return RuntimeError(
+        return ModelChangedError(
             f"{error}\nThe model's tensors and the EMA's shadows are on different "
             f"devices: call ema.to(device) after moving the model."
         )
