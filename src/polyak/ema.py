@@ -5,6 +5,7 @@
 - :mod:`polyak._store`: the shadows, keyed by (slot, name);
 - :mod:`polyak.averagers`: the rule, which gives each update's weights and reads the averages;
 - :mod:`polyak._steps`: the update counters, on the host or on the device (``capturable``);
+- :mod:`polyak._finite`: keeping NaN/Inf out of the averages (``nonfinite``);
 - :mod:`polyak._kernels`: how an update runs (kernel and execution policy);
 - :mod:`polyak._switch` and :mod:`polyak._placement`: averages in and out of a model (seed 001);
 - :mod:`polyak._export`, :mod:`polyak.io`: the averages as a state dict, a module, a file;
@@ -25,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from polyak import _export, _kernels, _options, _state, _tracking
+from polyak import _export, _finite, _kernels, _options, _state, _tracking, io
 from polyak._kernels._engine import Policy
 from polyak._options import DEFAULT_DECAY, DecayLike
 from polyak._steps import DeviceSteps, HostSteps
@@ -34,7 +35,6 @@ from polyak._switch import ModeSwitch, Switch
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import Exponential, Rule
 from polyak.bn import BatchNormMonitor
-from polyak.io import save_safetensors
 
 __all__ = ["EMA", "LoadedSettingsWarning"]
 
@@ -110,6 +110,19 @@ class EMA:
             it was captured with: to run a captured forward on the averages, use ``store()``,
             ``copy_to()`` and ``restore()`` (copies in place), not ``swapped()`` (which re-points
             the parameters). All tracked tensors must be on one device.
+        nonfinite: what an averaging update does when the tracked tensors hold NaN or Inf (which,
+            once in a shadow, never leaves it). ``"raise"`` (default): that update and every later
+            one leave the averages as they were before it, and the next call that reads the
+            averages (:meth:`swapped`, :meth:`use_averages`, :meth:`copy_to`, exports,
+            :meth:`save`, :meth:`state_dict`, :meth:`save_state`) raises
+            :class:`polyak.errors.NonFiniteError` naming the tensors and the step, until a load
+            or :meth:`clear_nonfinite`. ``"skip"``: such an update leaves every shadow untouched
+            and is counted in :attr:`skipped_steps`; :attr:`step` still counts the call (a
+            schedule advances over a skipped step), and so does a rule's own state (``Uniform``'s
+            count): with a constant decay the averages are those of the run without the skipped
+            updates, bit for bit. ``"ignore"``: no check. The check reads every tracked tensor once
+            more per averaging update and is decided on the device, without a host sync
+            (:mod:`polyak._finite`).
 
     The tracked names are fixed at construction; the tensors behind them are followed: when the
     model replaces one by a tensor of the same shape (``load_state_dict(..., assign=True)``, a new
@@ -146,6 +159,7 @@ class EMA:
         stream: Literal["side"] | None = None,
         offload: Literal["cpu"] | None = None,
         capturable: bool = False,
+        nonfinite: Literal["raise", "skip", "ignore"] = _finite.DEFAULT,
     ) -> None:
         self.rule = _options.rule_from(
             decay,
@@ -186,6 +200,10 @@ class EMA:
         _options.check_rounding(rounding, {n: self._store.shadow(n) for n in self._averaged})
         self._kernel_request = kernel
         self.kernel = self._choose_kernel()
+        # nonfinite=: the floating tracked tensors, checked before each averaging update
+        floating = [n for n, t in self._live.items() if t.is_floating_point()]
+        where = local(self._live[floating[0]]).device if floating else torch.device("cpu")
+        self._finite = _finite.NonFinite(nonfinite, floating, where)
         # the counters, and with capturable=True the rule's state, beside the tracked tensors
         self._steps: HostSteps | DeviceSteps = HostSteps()
         if capturable:
@@ -238,6 +256,12 @@ class EMA:
         )
         if counter is not None:
             self._set_rng_counter(counter)
+        self._finite.plan(
+            {n: local(self._live[n]) for n in self._finite.names},
+            capturable=self.capturable,
+            host_devices=_kernels.host_gate_devices(),
+            live=[self._live[n] for n in self._finite.names],
+        )
         if watch:
             self._watch_model()
         else:  # the model is not ready to be looked at: look at the first use
@@ -361,14 +385,17 @@ class EMA:
             with torch.no_grad():
                 # an off-step is skipped on the device by the gate, not lerped by weight 0,
                 # which would let a NaN in the weights through (0 * nan = nan)
-                self._engine.run(*self._steps.tick(self.rule, self.update_every))
+                weights, off = self._steps.tick(self.rule, self.update_every)
+                gate, copy_gate = self._finite_gates(self._steps.device_step, off)
+                self._engine.run(weights, gate, copy_gate)
             return
         weights = self._steps.tick(self.rule, self.update_every)
         if weights is None:
             return
         with torch.no_grad():
+            gate, copy_gate = self._finite_gates(self._steps.step)
             try:
-                self._engine.run(weights)
+                self._engine.run(weights, gate, copy_gate)
             except RuntimeError as error:  # say why, where the model's tensors explain it
                 explained = _tracking.failed_update(error, self._watch, self.model, self._live)
                 if explained is None:
@@ -381,6 +408,34 @@ class EMA:
             number = self._steps.num_averages
             if number in _BN_CHECKS or number % 1000 == 0:
                 self._bn_monitor.check()
+
+    def _finite_gates(
+        self, step: int | torch.Tensor, off: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """This update's gates (lerp, copies) from the non-finite check (``off``: a capturable
+        off-step's gate, passed through); the check's buffers are rewritten only once the last
+        update has read them (side stream: a device wait; offload: the update in flight)."""
+        if not self._finite.active:
+            return off, None
+        self._engine.wait()
+        return self._finite.gate(step, off)
+
+    @property
+    def skipped_steps(self) -> int:
+        """Averaging updates that left the averages untouched because the tracked tensors held NaN
+        or Inf (``nonfinite="skip"``; under ``"raise"``: the one that tripped it and every one
+        since). A device counter, read (and synchronised) only when asked for."""
+        return int(self._finite.skipped)
+
+    def clear_nonfinite(self) -> None:
+        """After :class:`polyak.errors.NonFiniteError` (``nonfinite="raise"``): average on from the
+        averages as they were kept, those of the update before the non-finite one."""
+        self._finite.clear()
+
+    def _check_finite(self) -> None:
+        """``nonfinite="raise"``: raise if an update met NaN/Inf (at a point that reads the
+        averages anyway; reads one flag)."""
+        self._finite.raise_if_tripped()
 
     @property
     def decay(self) -> float:
@@ -447,6 +502,7 @@ class EMA:
     # ------------------------------------------------------------------ swapping (polyak._switch)
 
     def _swap_in(self, model: nn.Module | None, slot: str | None) -> None:
+        self._check_finite()
         self._warn_if_statistics_stale()
         self._check_slot(slot)
         self._switch.swap_in(model, lambda: self._targets(model), lambda: self._values(slot))
@@ -515,6 +571,7 @@ class EMA:
         parameters: into each local shard, after resharding so the next forward gathers them).
         ``slot``: as in :meth:`swapped`."""
         self._check_slot(slot)
+        self._check_finite()
         self._switch.write(model, lambda: self._targets(model), lambda: self._values(slot))
 
     def restore(self) -> None:
@@ -536,6 +593,7 @@ class EMA:
     ) -> dict[str, torch.Tensor]:
         """name -> average cast to the live tensor's dtype and device (``dtype`` overrides floats)."""
         self._check_slot(slot)
+        self._check_finite()
         self._ensure_current()
         return _export.cast(self._values(slot), self._live, dtype)
 
@@ -554,6 +612,7 @@ class EMA:
         """A standalone copy of the model holding the averages (``slot``: as in :meth:`swapped`),
         in eval mode."""
         self._check_slot(slot)
+        self._check_finite()
         model = self._require_model("averaged_module()")
         return _export.averaged_copy(model, self._values(slot))
 
@@ -592,7 +651,7 @@ class EMA:
             tensors = {n: t.detach() for n, t in self._averaged_tensors(dtype, slot).items()}
         else:
             tensors = self.export_state_dict(dtype, slot=slot)
-        save_safetensors(
+        io.save_safetensors(
             tensors, path, metadata={"polyak.step": str(self.step), "polyak.format": FORMAT}
         )
 
@@ -608,7 +667,11 @@ class EMA:
         A built-in schedule is stored as data; a user callable is not, and must be passed again
         to the EMA that loads this. The layout, its versions and their upgrades:
         :mod:`polyak._state`.
+
+        With ``nonfinite="raise"``, raises :class:`polyak.errors.NonFiniteError` if an update met
+        NaN or Inf since the averages were last known finite.
         """
+        self._check_finite()
         self._engine.wait()
         counter = self._rng_counter()
         return _state.write(
@@ -667,6 +730,27 @@ class EMA:
             self.rule.load_state_dict(plan.rule_state)
         if plan.rng_counter is not None:
             self._set_rng_counter(plan.rng_counter)
+        self._finite.clear()  # the loaded averages replace any kept after a NaN
+
+    def save_state(self, path: str | os.PathLike[str]) -> None:
+        """Write :meth:`state_dict` to ``path`` as a checksummed safetensors file, atomically
+        (:func:`polyak.io.save`: temp file, fsync, rename; a killed save leaves the old file and
+        at most ``<path>.tmp``). :meth:`load_state` reads it back, for an exact resume."""
+        io.save(self.state_dict(), path)
+
+    def load_state(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        settings: Literal["checkpoint", "current"] = "checkpoint",
+    ) -> None:
+        """Load a file written by :meth:`save_state` (or a ``torch.save`` of :meth:`state_dict`,
+        read with ``weights_only=True``): :func:`polyak.io.load` checks the file whole (format,
+        version, checksum) and :meth:`load_state_dict` checks the state against this EMA before
+        anything changes. Raises :class:`polyak.errors.CorruptFileError`,
+        :class:`polyak.errors.VersionError` or :class:`polyak.errors.StateMismatchError` (all
+        ``ValueError``) naming the problem. ``settings``: as in :meth:`load_state_dict`."""
+        self.load_state_dict(io.load(path), settings=settings)
 
     # ------------------------------------------------------------------ housekeeping
 
@@ -736,5 +820,10 @@ class EMA:
             + (f", stream={self.stream!r}" if self.stream else "")
             + (f", offload={self.offload!r}" if self.offload else "")
             + (", capturable=True" if self.capturable else "")
+            + (
+                f", nonfinite={self._finite.policy!r}"
+                if self._finite.policy != _finite.DEFAULT
+                else ""
+            )
             + ")"
         )
