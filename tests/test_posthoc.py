@@ -821,7 +821,11 @@ def test_power_ema_reads_and_swaps_a_sigma_rel_and_resumes():
         ({"sigma_rels": (0.05, 0.05)}, ValueError, r"sigma_rels must be distinct"),
         ({"sigma_rels": (0.3,)}, ValueError, r"sigma_rel"),
         ({"snapshot_every": 10}, ValueError, r"snapshot_every needs snapshot_dir="),
-        ({"snapshot_every": 0, "snapshot_dir": "x"}, ValueError, r"snapshot_every must be an int >= 1"),
+        (
+            {"snapshot_every": 0, "snapshot_dir": "x"},
+            ValueError,
+            r"snapshot_every must be an int >= 1",
+        ),
     ],
 )
 def test_power_ema_refuses_bad_settings(kwargs, error, match):

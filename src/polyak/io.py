@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io as stdio
 import json
 import math
 import os
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -583,55 +584,73 @@ def _header_problem(header: Any, data_bytes: int) -> str | None:
 
 
 def _read_safetensors(path: Path, expected: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The tensors and metadata of a safetensors file, checked whole before any tensor is made.
+    """The tensors and metadata of a safetensors file, checked whole before any tensor is made
+    (:func:`_parse_safetensors`)."""
+    with open(path, "rb") as f:
+        return _parse_safetensors(f, os.fstat(f.fileno()).st_size, str(path), expected)
+
+
+def _read_safetensors_bytes(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """:func:`_read_safetensors` of bytes in memory."""
+    return _parse_safetensors(stdio.BytesIO(data), len(data), "<bytes>", "safetensors")
+
+
+def _parse_safetensors(
+    f: BinaryIO, size: int, where: str, expected: str
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read safetensors from ``f`` (``size`` bytes), checking the header whole first.
 
     Memory: the header (at most :data:`MAX_HEADER_BYTES`, and no more than the file holds) and the
     tensors, each read once into a new tensor of the size its offsets give, which fit in the file.
+    A bool tensor must hold only the bytes 0 and 1 (others are no bool torch can compute with).
     """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(9)
-        f.seek(8)
-        problem = None
-        header: Any = None
-        if _is_torch_save(head):
+    head = f.read(9)
+    f.seek(8)
+    problem = None
+    header: Any = None
+    if _is_torch_save(head):
+        problem = (
+            "it is a torch.save checkpoint (zip or pickle), not safetensors; read an EMA state "
+            "with polyak.io.load(path) (or polyak.io.load_state(path)) and "
+            "ema.load_state_dict(...), or export the averages with ema.save(path)"
+        )
+    elif len(head) < 8:
+        problem = f"it is {size} bytes long, shorter than a safetensors header (8 bytes)"
+    else:
+        n = int.from_bytes(head[:8], "little")
+        if n > MAX_HEADER_BYTES or n + 8 > size:
             problem = (
-                "it is a torch.save checkpoint (zip or pickle), not safetensors; read an EMA state "
-                "with polyak.io.load(path) (or polyak.io.load_state(path)) and "
-                "ema.load_state_dict(...), or export the averages with ema.save(path)"
+                f"its header claims {n:,} bytes but the file has {size:,}: it is truncated or "
+                f"not safetensors (a partial download or copy?)"
+                if n + 8 > size
+                else f"its header claims {n:,} bytes, more than a safetensors header may have"
             )
-        elif len(head) < 8:
-            problem = f"it is {size} bytes long, shorter than a safetensors header (8 bytes)"
         else:
-            n = int.from_bytes(head[:8], "little")
-            if n > MAX_HEADER_BYTES or n + 8 > size:
-                problem = (
-                    f"its header claims {n:,} bytes but the file has {size:,}: it is truncated or "
-                    f"not safetensors (a partial download or copy?)"
-                    if n + 8 > size
-                    else f"its header claims {n:,} bytes, more than a safetensors header may have"
-                )
+            text = f.read(n)
+            try:
+                header = json.loads(text.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError, RecursionError):
+                problem = "its header is not valid safetensors (not JSON)"
             else:
-                text = f.read(n)
-                try:
-                    header = json.loads(text.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError, RecursionError):
-                    problem = "its header is not valid safetensors (not JSON)"
-                else:
-                    problem = _header_problem(header, size - 8 - n)
-        if problem is not None:
-            raise CorruptFileError(f"cannot load {path}: {problem}. Expected {expected}.")
-        data_start = 8 + int.from_bytes(head[:8], "little")
-        tensors: dict[str, torch.Tensor] = {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            start, stop = entry["data_offsets"]
-            raw = torch.empty(stop - start, dtype=torch.uint8)
-            f.seek(data_start + start)
-            if stop > start and f.readinto(raw.numpy()) != stop - start:
-                raise CorruptFileError(f"cannot load {path}: it changed while being read.")
-            tensors[name] = raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+                problem = _header_problem(header, size - 8 - n)
+    if problem is not None:
+        raise CorruptFileError(f"cannot load {where}: {problem}. Expected {expected}.")
+    data_start = 8 + int.from_bytes(head[:8], "little")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = entry["data_offsets"]
+        raw = torch.empty(stop - start, dtype=torch.uint8)
+        f.seek(data_start + start)
+        if stop > start and f.readinto(raw.numpy()) != stop - start:
+            raise CorruptFileError(f"cannot load {where}: it changed while being read.")
+        dtype = _DTYPES[entry["dtype"]]
+        if dtype == torch.bool and stop > start and int(raw.max()) > 1:
+            raise CorruptFileError(
+                f"cannot load {where}: bool tensor {name!r} holds bytes other than 0 and 1."
+            )
+        tensors[name] = raw.view(dtype).reshape(entry["shape"])
     return tensors, dict(header.get("__metadata__", {}))
 
 
