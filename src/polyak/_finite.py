@@ -90,25 +90,27 @@ class NonFinite:
     def __init__(self, policy: str, names: Sequence[str], device: torch.device) -> None:
         self.policy = check_policy(policy)
         self.names = list(names)
+        self._order = list(range(len(self.names)))  # plan position -> index into names
         self._alloc_state(device)
         self.host = False
         self.sources: list[torch.Tensor] = []
-        self.groups: list[Any] = []
+        self.groups: list[Any] = []  # the mesh's process groups (FSDP2), else none
+        self._by_dtype: list[
+            tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+        ] = []
 
     @property
     def active(self) -> bool:
         return self.policy != "ignore" and bool(self.names)
 
     def _alloc_state(self, device: torch.device) -> None:
-        n = len(self.names)
         self.device = device
         self.skipped = torch.zeros((), dtype=torch.int64, device=device)
         self.tripped = torch.zeros((), dtype=torch.bool, device=device)
         self.first_step = torch.zeros((), dtype=torch.int64, device=device)
-        self.first_norms = torch.zeros(n, dtype=torch.float64, device=device)
-        # per-update scratch: the norms, their max, the flags, the step as a tensor
-        self._norms = torch.zeros(n, dtype=torch.float64, device=device)
-        self._max = torch.zeros((), dtype=torch.float64, device=device)
+        # in plan order (the tensors grouped by dtype), so that each group's record is a view
+        self.first_norms = torch.zeros(len(self.names), dtype=torch.float64, device=device)
+        # per-update scratch: the flags, the step as a tensor
         self._ok = torch.zeros((), dtype=torch.bool, device=device)
         self._bad = torch.zeros((), dtype=torch.bool, device=device)
         self._due = torch.zeros((), dtype=torch.bool, device=device)
@@ -145,6 +147,35 @@ class NonFinite:
             self.to(device)
         self.host = device.type in host_devices and not capturable
         self.groups = _mesh_groups(live)
+        self._plan_dtypes()
+
+    def _plan_dtypes(self) -> None:
+        """One group per dtype (a norm has its tensor's dtype; stacking norms of one dtype into a
+        buffer of it costs no conversion): its tensors, their norms, the group's max (or sum),
+        its flag, and its stretch of the record."""
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for index, tensor in enumerate(self.sources):
+            by_dtype.setdefault(tensor.dtype, []).append(index)
+        order = [index for indices in by_dtype.values() for index in indices]
+        if order != self._order:  # the record follows the new order
+            position = {index: p for p, index in enumerate(self._order)}
+            permutation = torch.tensor([position[i] for i in order], device=self.device)
+            self.first_norms = self.first_norms.index_select(0, permutation)
+            self._order = order
+        self._by_dtype = []
+        start = 0
+        for k, (dtype, indices) in enumerate(by_dtype.items()):
+            n = len(indices)
+            self._by_dtype.append(
+                (
+                    [self.sources[i] for i in indices],
+                    torch.zeros(n, dtype=dtype, device=self.device),
+                    torch.zeros((), dtype=dtype, device=self.device),
+                    self._ok if k == 0 else torch.zeros((), dtype=torch.bool, device=self.device),
+                    self.first_norms[start : start + n],
+                )
+            )
+            start += n
 
     def to(self, device: torch.device) -> None:
         """Move the state (counters, flag, record) to ``device``."""
@@ -157,6 +188,8 @@ class NonFinite:
         self._alloc_state(device)
         for name, value in kept.items():
             getattr(self, name).copy_(value)
+        if self.sources:
+            self._plan_dtypes()
 
     # ------------------------------------------------------------------ per update
 
@@ -182,7 +215,7 @@ class NonFinite:
         if self.policy == "raise" and bool(self.tripped):  # every rank tripped alike
             self.skipped.add_(1)
             return self._true, self._true
-        bad = self._host_bad()
+        bad = self._host_bad(record=self.policy == "raise")
         if self.groups:
             bad = self._all_ranks(bad)
         if not bad:
@@ -190,23 +223,34 @@ class NonFinite:
         if self.policy == "raise":
             self.tripped.fill_(True)
             self.first_step.fill_(int(step))
-            self.first_norms.copy_(self._norms)
         self.skipped.add_(1)
         return self._true, self._true
 
-    def _host_bad(self) -> bool:
-        """Whether any tensor holds NaN/Inf: the 2-norms first, then ``isfinite`` on those whose
-        2-norm is not finite (an Inf may be an overflow of finite squares). ``_norms`` gets NaN
-        for each tensor that does and 0 for the others."""
-        torch.stack(torch._foreach_norm(self.sources, 2), out=self._norms)
-        if bool(torch.isfinite(self._norms).all()):
+    def _host_bad(self, record: bool) -> bool:
+        """Whether any tensor holds NaN/Inf: per dtype group, the sum of the 2-norms; where it is
+        not finite, ``isfinite`` on each tensor of the group whose 2-norm is not (an Inf may be
+        an overflow of finite squares). ``record``: the record gets NaN for each tensor that holds
+        NaN/Inf and 0 for the others (only where one does)."""
+        suspects = []
+        for sources, norms, total, _, _ in self._by_dtype:
+            torch.stack(torch._foreach_norm(sources, 2), out=norms)
+            torch.sum(norms, dim=0, out=total)
+            if not math.isfinite(total.item()):
+                suspects.append((sources, norms))
+        if not suspects:
             return False
-        suspects = torch.isfinite(self._norms).logical_not().nonzero().flatten().tolist()
-        self._norms.zero_()
-        for index in suspects:
-            if not bool(torch.isfinite(self.sources[index]).all()):
-                self._norms[index] = math.nan
-        return bool(torch.isnan(self._norms).any())
+        found = False
+        for sources, norms in suspects:
+            for index in torch.isfinite(norms).logical_not().nonzero().flatten().tolist():
+                if not bool(torch.isfinite(sources[index]).all()):
+                    found = True
+                    norms[index] = math.nan
+                else:
+                    norms[index] = 0.0
+        if found and record:
+            for _, norms, _, _, first in self._by_dtype:
+                first.copy_(torch.where(torch.isnan(norms), math.nan, 0.0))
+        return found
 
     def _all_ranks(self, bad: bool) -> bool:
         """``bad`` on any rank of the mesh (host mode: gloo on the CPU)."""
@@ -220,9 +264,12 @@ class NonFinite:
     def _device_gate(
         self, step: int | torch.Tensor, off: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        torch.stack(torch._foreach_norm(self.sources, math.inf), out=self._norms)
-        torch.amax(self._norms, dim=0, out=self._max)  # NaN propagates
-        torch.lt(self._max, math.inf, out=self._ok)  # False for Inf and NaN
+        for k, (sources, norms, top, ok, _) in enumerate(self._by_dtype):
+            torch.stack(torch._foreach_norm(sources, math.inf), out=norms)
+            torch.amax(norms, dim=0, out=top)  # NaN propagates
+            torch.lt(top, math.inf, out=ok)  # False for Inf and NaN
+            if k:
+                torch.logical_and(self._ok, ok, out=self._ok)
         torch.logical_not(self._ok, out=self._bad)
         if self.groups:
             import torch.distributed as dist
@@ -240,7 +287,8 @@ class NonFinite:
                 step = self._now
             # until the flag trips, the record follows every update; then it stays
             torch.where(self.tripped, self.first_step, step, out=self.first_step)
-            torch.where(self.tripped, self.first_norms, self._norms, out=self.first_norms)
+            for _, norms, _, _, first in self._by_dtype:
+                torch.where(self.tripped, first, norms, out=first)
             torch.logical_or(self.tripped, self._bad, out=self.tripped)
             skip = self.tripped
         else:
@@ -260,8 +308,9 @@ class NonFinite:
         (reads one flag: call it where the averages are read anyway)."""
         if self.policy != "raise" or not self.names or not bool(self.tripped):
             return
-        norms = self.first_norms.tolist()
-        bad = [n for n, v in zip(self.names, norms, strict=True) if not math.isfinite(v)]
+        norms = self.first_norms.tolist()  # in plan order
+        found = {self._order[p] for p, v in enumerate(norms) if not math.isfinite(v)}
+        bad = [name for index, name in enumerate(self.names) if index in found]
         step = int(self.first_step)
         left_out = int(self.skipped)
         shown = repr(bad[0]) if bad else "a tracked tensor"
