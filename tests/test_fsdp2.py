@@ -159,6 +159,21 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             model(x)
             ema.copy_to()
             out["copied_for_good"] = model(x)
+
+        # nonfinite: a NaN in one rank's shard alone is skipped on every rank (an all-reduce)
+        from polyak._store import local  # a DTensor's shard (the root is unsharded by now)
+
+        skip = polyak.EMA(model, decay=0.5, nonfinite="skip")
+        live = dict(model.named_parameters())
+        with torch.no_grad():
+            for p in live.values():
+                local(p).add_(1.0)  # the weights move away from the averages on every rank
+            if rank == 0:
+                local(live["0.weight"]).view(-1)[0] = float("nan")
+        before = {n: local(skip.average(n)).clone() for n in live}
+        skip.update()
+        out["nan_skipped"] = skip.skipped_steps
+        out["nan_untouched"] = all(torch.equal(local(skip.average(n)), before[n]) for n in live)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -246,3 +261,11 @@ def test_training_goes_on_from_the_trained_weights(ranks):
     for seen in ranks:
         for name, param in seen["next_step"].items():
             close(param, seen["replica_next_step"][name])
+
+
+def test_a_nan_on_one_rank_is_skipped_on_every_rank(ranks):
+    """nonfinite='skip': rank 0's shard holds a NaN, rank 1's does not; both skip the update
+    (the flag is all-reduced), so no rank's averages of that parameter get out of step."""
+    for rank in ranks:
+        assert rank["nan_skipped"] == 1
+        assert rank["nan_untouched"]

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = ["EMA", "__version__", "schedules"]
 
-_LAZY = ("tf", "bn", "io", "averagers", "posthoc")
+_LAZY = ("tf", "bn", "io", "averagers", "posthoc", "errors")
 
 
 def __getattr__(name: str) -> Any:
