@@ -299,3 +299,13 @@ def test_gated_copy_follows_a_moved_source(monkeypatch):
     source.data = torch.full((3,), 2.0)  # a new storage
     update.copy_(torch.tensor(False))
     assert torch.equal(shadow, torch.full((3,), 2.0))
+
+
+def test_raise_ignores_nan_on_a_call_that_does_not_average():
+    """Capturable, update_every=2: a NaN only on odd calls reaches no shadow, so nothing trips."""
+    odd = {3: {"0.weight": math.nan}, 5: {"2.bias": math.inf}}
+    ema = run(odd, drop=False, update_every=2, capturable=True)  # nonfinite="raise"
+    clean = run({}, drop=False, update_every=2, capturable=True)
+    ema.state_dict()  # does not raise
+    assert ema.skipped_steps == 0
+    assert_bits_equal(averages(ema), averages(clean))

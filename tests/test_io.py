@@ -423,3 +423,21 @@ def test_errors_subclass_what_was_raised_before():
     assert issubclass(errors.NonFiniteError, FloatingPointError)
     for name in errors.__all__:
         assert issubclass(getattr(errors, name), errors.PolyakError)
+
+
+def test_malformed_safetensors_are_refused_before_anything_is_made(tmp_path):
+    """The header must describe the file exactly: no bytes beyond the tensors, bools 0 or 1."""
+    import polyak
+
+    ema = polyak.EMA(torch.nn.Linear(2, 2))
+    ema.save_state(tmp_path / "s")
+    data = (tmp_path / "s").read_bytes()
+    (tmp_path / "longer").write_bytes(data + b"\0")
+    with pytest.raises(errors.CorruptFileError, match=r"its tensors fill \d+ bytes of data"):
+        io.load(tmp_path / "longer")
+    io.save({"flags": torch.tensor([True, False])}, tmp_path / "b")
+    data = bytearray((tmp_path / "b").read_bytes())
+    data[-1] = 2  # a bool byte that is neither 0 nor 1
+    (tmp_path / "b").write_bytes(bytes(data))
+    with pytest.raises(errors.CorruptFileError, match="bool tensor 'flags' holds bytes other"):
+        io.load(tmp_path / "b")
