@@ -7,10 +7,10 @@ line on stdin and answers one JSON line on stdout. Forking from here makes a tri
 
 - ``{"op": "calibrate", "kind": ..., "dir": ...}``: save a few times in-process; answers the mean
   seconds per save, so the test can aim its kills across whole saves.
-- ``{"op": "trial", "kind": ..., "dir": ..., "delay": s}``: fork a child that builds the run
-  (:func:`run`), then saves version 1, 2, 3, ... of it to ``<dir>/out`` in a loop, writing each
-  version's number to a pipe once its save returned; ``delay`` seconds after the fork the child
-  gets SIGKILL. Answers ``{"done": n, "signal": ...}``: the last version whose save returned
+- ``{"op": "trial", "kind": ..., "dir": ..., "after": n, "delay": s}``: fork a child that builds
+  the run (:func:`run`), then saves version 1, 2, 3, ... of it to ``<dir>/out`` in a loop, writing
+  each version's number to a pipe once its save returned; ``delay`` seconds after the child
+  reported its ``n``-th save (after the fork, for 0) it gets SIGKILL. Answers ``{"done": n, "signal": ...}``: the last version whose save returned
   (0: none) and the signal that ended the child (9 unless it died on its own: a bug).
 
 ``kind``: ``"state"`` (``ema.save_state``) or ``"export"`` (``ema.save``). :func:`run` and
@@ -64,7 +64,7 @@ def child(kind: str, path: str, report: int) -> None:
         os.write(report, version.to_bytes(8, "little"))
 
 
-def trial(kind: str, directory: str, delay: float) -> dict[str, int]:
+def trial(kind: str, directory: str, after: int, delay: float) -> dict[str, int]:
     path = os.path.join(directory, "out")
     read, write = os.pipe()
     pid = os.fork()
@@ -76,10 +76,15 @@ def trial(kind: str, directory: str, delay: float) -> dict[str, int]:
             sys.stderr.write(f"saver failed: {error!r}\n")
         os._exit(3)
     os.close(write)
-    time.sleep(delay)
+    data = b""
+    while len(data) < 8 * after:  # wait for `after` saves to complete ...
+        chunk = os.read(read, 8 * after - len(data))
+        if not chunk:
+            break
+        data += chunk
+    time.sleep(delay)  # ... then kill somewhere in the next one
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    data = b""
     while chunk := os.read(read, 1 << 16):
         data += chunk
     os.close(read)
@@ -102,7 +107,7 @@ def main() -> None:
     for line in sys.stdin:
         command = json.loads(line)
         if command["op"] == "trial":
-            answer = trial(command["kind"], command["dir"], command["delay"])
+            answer = trial(command["kind"], command["dir"], command["after"], command["delay"])
         else:
             answer = calibrate(command["kind"], command["dir"])
         sys.stdout.write(json.dumps(answer) + "\n")

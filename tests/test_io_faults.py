@@ -4,7 +4,8 @@ Whatever the moment, the file must afterwards load and equal the version before 
 interrupted or the version it was writing, and at most one temporary file (``<path>.tmp``) may be
 left, which the next save removes. Savers are forked from a server that has already imported
 torch (tests/_crash_server.py), so a trial costs a fork, a few saves and a kill; the kill comes
-after a delay drawn uniformly over the child's start and several of its saves (measured first).
+after 0, 1 or 2 completed saves, at a moment drawn uniformly over the next save and a little more
+(a save's duration is measured first), so most kills land inside a save, at every stage of it.
 
 CI runs 40 trials for each kind of file (``ema.save_state`` and ``ema.save``); the slow variant
 200. The fsync calls themselves are checked in tests/test_io.py, by patching ``os.fsync``.
@@ -112,36 +113,48 @@ class Versions:
         return None
 
 
-def run_trials(server, tmp_path: Path, kind: str, trials: int, seed: int) -> None:
+def run_trials(server, tmp_path: Path, kind: str, trials: int, seed: int) -> dict[str, int]:
+    """The trials; returns how they ended (printed with ``pytest -s``)."""
     rng = random.Random(seed)
     seconds = server(op="calibrate", kind=kind, dir=str(tmp_path))["seconds"]
     versions = Versions()
     zero = crash.run()[1]
-    interrupted = 0  # trials whose kill left a temporary file: it hit a save mid-way
+    outcomes = {"old file, temporary left": 0, "old file": 0, "new file": 0}
     for t in range(trials):
         directory = tmp_path / f"{kind}{t}"
         directory.mkdir()
         path = directory / "out"
         crash.save(kind, zero, str(path))  # version 0
-        # the child's start (a few ms: no thread pool, a small model) and then up to 3 saves
+        # after 0, 1 or 2 completed saves, a moment drawn over the next save and a bit more
+        # (after 0: the child's start too, a few ms without a thread pool)
         answer = server(
-            op="trial", kind=kind, dir=str(directory), delay=rng.uniform(0, 3) * seconds
+            op="trial",
+            kind=kind,
+            dir=str(directory),
+            after=rng.randrange(3),
+            delay=rng.uniform(0, 1.2) * seconds,
         )
         assert answer["signal"] == 9, f"the saver died on its own: {answer}"
         done = answer["done"]
         left = sorted(p.name for p in directory.iterdir())
         assert set(left) <= {"out", "out.tmp"}, left  # at most the one temporary file
-        interrupted += "out.tmp" in left
         versions.upto(done + 1)
         found = versions.which(kind, path, [done, done + 1])
         assert found is not None, (
             f"trial {t}: the file holds neither version {done} nor {done + 1} after a kill"
         )
+        if found == done + 1:  # killed after the rename, before the child reported it
+            outcomes["new file"] += 1
+        else:
+            outcomes["old file, temporary left" if "out.tmp" in left else "old file"] += 1
         if "out.tmp" in left:  # the next save takes the temporary file away
             crash.save(kind, versions.ema, str(path))
             assert sorted(p.name for p in directory.iterdir()) == ["out"]
             assert versions.which(kind, path, [len(versions.states) - 1]) is not None
-    assert interrupted >= 1, "no kill landed inside a save: the trials tested nothing"
+    print(kind, outcomes)
+    # a temporary file left means the kill landed inside a save, after its file was created
+    assert outcomes["old file, temporary left"] >= 1, "no kill landed inside a save"
+    return outcomes
 
 
 @pytest.mark.parametrize("kind", ["state", "export"])
