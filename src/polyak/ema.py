@@ -365,10 +365,15 @@ class EMA:
     def update(self) -> None:
         """Call once per optimizer step: ``step += 1``, then average if ``step % update_every == 0``.
 
-        Never synchronises the host with the device and allocates nothing: the weight is a Python
-        float from the rule (:data:`polyak.averagers.HOST`), and the kernel was planned at
-        construction. With ``capturable=True`` the rule's same formulas run on the device
-        (:class:`polyak.averagers.DeviceOps`).
+        Never synchronises the host with the device: the weight is a Python float from the rule
+        (:data:`polyak.averagers.HOST`), and the kernel was planned at construction. With
+        ``capturable=True`` the rule's same formulas run on the device
+        (:class:`polyak.averagers.DeviceOps`). With ``nonfinite="ignore"`` it allocates nothing;
+        the NaN/Inf check of ``"raise"`` and ``"skip"`` (:mod:`polyak._finite`) reads every tracked
+        tensor once more and gets one 0-dim norm per tensor from ``torch._foreach_norm`` (on CUDA
+        from the caching allocator), and its device gate makes the ``foreach`` kernel on CUDA run
+        its gated path (a select through a scratch: about 4x the memory traffic of an ungated
+        update; ``triton`` and ``fused`` gate inside their one pass).
         """
         self._switch.check_update()
         self._ensure_current()
