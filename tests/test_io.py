@@ -441,3 +441,17 @@ def test_malformed_safetensors_are_refused_before_anything_is_made(tmp_path):
     (tmp_path / "b").write_bytes(bytes(data))
     with pytest.raises(errors.CorruptFileError, match="bool tensor 'flags' holds bytes other"):
         io.load(tmp_path / "b")
+
+
+def test_a_file_system_without_flock_still_saves(tmp_path, monkeypatch):
+    """Some network file systems answer flock with ENOLCK: the save goes on without the lock."""
+    import errno
+
+    fcntl = pytest.importorskip("fcntl")
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    io.save({"a": torch.ones(2)}, tmp_path / "ckpt")
+    assert torch.equal(io.load(tmp_path / "ckpt")["a"], torch.ones(2))

@@ -37,6 +37,7 @@ model's state dict, loadable with ``safetensors.torch.load_file`` or :func:`load
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io as stdio
 import json
@@ -98,6 +99,18 @@ def _same_file(fd: int, path: Path) -> bool:
     return (on_disk.st_ino, on_disk.st_dev) == (held.st_ino, held.st_dev)
 
 
+def _lock(fd: int) -> None:
+    """Wait for an exclusive ``flock`` on ``fd``; where the file system has none (some network
+    file systems answer ENOLCK or EOPNOTSUPP), go on without it."""
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as error:
+        if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+            raise
+
+
 def _open_temporary(tmp: Path) -> int:
     """A new, empty ``tmp``, created by this call and locked by it; a stale one (left by a
     killed save) is removed first.
@@ -117,8 +130,7 @@ def _open_temporary(tmp: Path) -> int:
             except FileNotFoundError:
                 continue
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+            _lock(fd)
             if not _same_file(fd, tmp):
                 os.close(fd)
                 continue
