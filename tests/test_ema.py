@@ -745,9 +745,15 @@ def test_model_helpers_need_a_model():
 # ---------------------------------------------------------------- no host sync
 
 
-def test_update_never_reads_tensors_on_the_host(no_host_reads):
+@pytest.mark.parametrize("nonfinite", ["raise", "skip", "ignore"])
+def test_update_never_reads_tensors_on_the_host(monkeypatch, no_host_reads, nonfinite):
+    """The CPU plays the device: its gates are read on the device path, as on CUDA (a CPU gate
+    is otherwise read on the host, which costs no sync there)."""
+    from polyak._kernels import _foreach
+
+    monkeypatch.setattr(_foreach, "HOST_GATE_DEVICES", frozenset())
     model = small_net().to(torch.bfloat16)
-    ema = polyak.EMA(model, decay=schedules.tf_warmup(0.99), update_every=2)
+    ema = polyak.EMA(model, decay=schedules.tf_warmup(0.99), update_every=2, nonfinite=nonfinite)
     ema.update()
     with no_host_reads():
         for _ in range(4):

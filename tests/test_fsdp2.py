@@ -134,6 +134,7 @@ def placement(ctx: Context) -> dict[str, object]:
         ema.copy_to()
         out["copied_for_good"] = model(x)
     _switch_ema(out)
+    _nan_on_one_rank(out, model, ctx.rank)
     return out
 
 
@@ -171,6 +172,23 @@ def _switch_ema(out: dict[str, object]) -> None:
     x = torch.randn(5, 4, generator=gen)
     with torch.no_grad():
         out["switch_forward"] = (model(x), replica(x))
+
+
+def _nan_on_one_rank(out: dict[str, object], model: nn.Module, rank: int) -> None:
+    """nonfinite="skip": a NaN in rank 0's shard alone is skipped on every rank (an all-reduce)."""
+    from polyak._store import local  # a DTensor's shard
+
+    skip = polyak.EMA(model, decay=0.5, nonfinite="skip")
+    live = dict(model.named_parameters())
+    with torch.no_grad():
+        for p in live.values():
+            local(p).add_(1.0)  # the weights move away from the averages on every rank
+        if rank == 0:
+            local(live["0.weight"]).view(-1)[0] = float("nan")
+    before = {n: local(skip.average(n)).clone() for n in live}
+    skip.update()
+    out["nan_skipped"] = skip.skipped_steps
+    out["nan_untouched"] = all(torch.equal(local(skip.average(n)), before[n]) for n in live)
 
 
 @pytest.fixture(scope="module")
@@ -262,3 +280,11 @@ def test_switch_ema_writes_the_average_into_the_local_shards(ranks):
             close(param, seen["switch_replica"][name])
         output, replica_output = seen["switch_forward"]
         close(output, replica_output)
+
+
+def test_a_nan_on_one_rank_is_skipped_on_every_rank(ranks):
+    """nonfinite='skip': rank 0's shard holds a NaN, rank 1's does not; both skip the update
+    (the flag is all-reduced), so no rank's averages of that parameter get out of step."""
+    for seen in ranks:
+        assert seen["nan_skipped"] == 1
+        assert seen["nan_untouched"]

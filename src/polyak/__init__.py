@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = ["EMA", "__version__", "attach", "schedules"]
 
-_LAZY = ("tf", "bn", "io", "averagers", "posthoc", "distributed")
+_LAZY = ("tf", "bn", "io", "averagers", "posthoc", "distributed", "errors")
 
 
 def __getattr__(name: str) -> Any:

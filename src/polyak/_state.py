@@ -49,6 +49,7 @@ import torch
 from polyak import schedules
 from polyak._store import ShadowStore, assign
 from polyak._tracking import dtype_name
+from polyak.errors import StateMismatchError, VersionError
 
 __all__ = [
     "FORMAT",
@@ -115,13 +116,14 @@ UPGRADES: dict[int, Callable[[Mapping[str, Any]], dict[str, Any]]] = {1: _v1_to_
 def upgrade(state: Any) -> dict[str, Any]:
     """``state`` as a current-version dict: each upgrade in :data:`UPGRADES` applied in turn.
 
-    Raises ``ValueError`` for what is no polyak.EMA state dict, or of a version this polyak does
-    not know (a newer one: upgrade polyak). The input is not modified.
+    Raises :class:`~polyak.errors.StateMismatchError` for what is no polyak.EMA state dict and
+    :class:`~polyak.errors.VersionError` for a version this polyak does not know (a newer one:
+    upgrade polyak); both are ValueErrors. The input is not modified.
     """
     fmt = state.get("format") if isinstance(state, Mapping) else None
     if fmt != FORMAT:
         got = f"format={fmt!r}" if isinstance(state, Mapping) else f"a {type(state).__name__}"
-        raise ValueError(
+        raise StateMismatchError(
             f"not a polyak.EMA state dict ({got}; expected format={FORMAT!r}): pass the output of "
             f"EMA.state_dict(), e.g. ckpt['ema'] of a checkpoint saved as "
             f"{{'model': model.state_dict(), 'ema': ema.state_dict()}}. Nothing was changed."
@@ -129,13 +131,13 @@ def upgrade(state: Any) -> dict[str, Any]:
     version = state.get("version")
     known = isinstance(version, int) and not isinstance(version, bool)  # True == 1, 2.0 == 2
     if known and version > VERSION:
-        raise ValueError(
+        raise VersionError(
             f"EMA state version {version} is newer than this polyak understands (versions 1 to "
             f"{VERSION}): it was written by a later polyak; upgrade polyak to load it. Nothing "
             f"was changed."
         )
     if not known or (version != VERSION and version not in UPGRADES):
-        raise ValueError(
+        raise VersionError(
             f"EMA state version {version!r} is not one polyak ever wrote (known: 1 to {VERSION}, "
             f"an int): the state dict is damaged or not from EMA.state_dict(). Nothing was changed."
         )
@@ -478,8 +480,8 @@ def parse(
 ) -> Plan:
     """Upgrade ``state`` (:func:`upgrade`) and check all of it against ``layout``.
 
-    Raises one ``ValueError`` that lists every problem (and says that nothing was changed), or
-    returns the :class:`Plan` to apply. ``settings="checkpoint"`` takes the checkpoint's rule
+    Raises one :class:`~polyak.errors.StateMismatchError` (a ``ValueError``) that lists every
+    problem (and says that nothing was changed), or returns the :class:`Plan` to apply. ``settings="checkpoint"`` takes the checkpoint's rule
     settings and ``update_every`` where they differ (listed in ``Plan.changed``);
     ``settings="current"`` keeps the EMA's and loads the averages and counters only.
     """
@@ -533,7 +535,7 @@ def parse(
                 "shadow_dtypes disagree with the tensors: " + "; ".join(wrong[:10] + extra[:10])
             )
     if problems:
-        raise ValueError(
+        raise StateMismatchError(
             "cannot load EMA state (nothing was changed):\n  "
             + "\n  ".join(problems)
             + "\nBuild the EMA on the same model with the same rule/decay, buffers=, include= and "

@@ -75,6 +75,11 @@ class DeviceSteps:
         self._step.fill_(int(value))
 
     @property
+    def device_step(self) -> torch.Tensor:
+        """The step counter itself (0-dim int64 on the device), read without a sync."""
+        return self._step
+
+    @property
     def num_averages(self) -> int:
         return int(self._num.item())
 

@@ -98,7 +98,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from polyak.io import atomic_path
+from polyak.io import atomic_path, write_atomic
 
 __all__ = [
     "ExponentialMovingAverage",
@@ -896,12 +896,12 @@ def save_checkpoint(
     # Own CPU copies: no shared storage (safetensors refuses it), no autograd, no device.
     tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in tensors.items()}
 
-    with atomic_path(path) as tmp:
-        if _is_safetensors(path):
-            from safetensors.torch import save_file
+    if _is_safetensors(path):  # serialised here: save_file leaves its own temp file if killed
+        from safetensors.torch import save
 
-            save_file(tensors, str(tmp))
-        else:
+        write_atomic(path, save(tensors))
+    else:
+        with atomic_path(path) as tmp:
             torch.save(tensors, tmp)
 
 

@@ -39,7 +39,16 @@ from polyak._kernels._foreach import ForeachUpdate, check_device_weight, rounds_
 from polyak._kernels._fused import FusedUpdate
 from polyak._kernels._reference import ReferenceUpdate
 
-__all__ = ["KERNELS", "Engine", "Update", "auto_kernel", "build", "builder", "choose"]
+__all__ = [
+    "KERNELS",
+    "Engine",
+    "Update",
+    "auto_kernel",
+    "build",
+    "builder",
+    "choose",
+    "host_gate_devices",
+]
 
 KERNELS: dict[str, type | None] = {
     "reference": ReferenceUpdate,
@@ -178,6 +187,14 @@ def build(
     return KERNELS[kernel](
         slots, list(sources), stochastic=stochastic, seed=seed, positions=positions
     )
+
+
+def host_gate_devices() -> frozenset[str]:
+    """The device types whose gate the kernels read on the host (a CPU tensor: no sync), read at
+    each call so that tests can make the CPU play a device (``_foreach.HOST_GATE_DEVICES``)."""
+    from polyak._kernels import _foreach
+
+    return _foreach.HOST_GATE_DEVICES
 
 
 def builder(

@@ -29,12 +29,13 @@ class Update(Protocol):
     ``gate``: ``None``, or a 0-dim bool tensor on the tensors' device; ``True`` skips the update,
     leaving every shadow bit for bit as it was, even where a source holds NaN or inf, without a
     host sync on CUDA and without allocating per update.
-    ``copy_()``: :math:`s_{k,i} \\leftarrow p_i` for every slot.
+    ``copy_(gate=None)``: :math:`s_{k,i} \\leftarrow p_i` for every slot, unless ``gate`` (as
+    for ``lerp_``: every shadow keeps its bits).
     """
 
     def lerp_(self, weights: Weights, gate: torch.Tensor | None = None) -> None: ...
 
-    def copy_(self) -> None: ...
+    def copy_(self, gate: torch.Tensor | None = None) -> None: ...
 
 
 Group = tuple[list[torch.Tensor], list[torch.Tensor]]

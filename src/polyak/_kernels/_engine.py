@@ -23,9 +23,10 @@ device snapshot that the side stream reads (``side``), or straight into its pinn
 (``offload``). Buffers are small (BatchNorm's are ~0.1% of a ResNet's weights); a plain tensor
 passed as a ``(name, tensor)`` pair costs a snapshot of its size.
 
-``run(weights, gate=None)`` hands the kernel's ``lerp_`` its weights (one per slot, or one weight)
-and an optional device gate (a 0-dim bool tensor: true skips the update), read where the update
-runs: on the side stream after it waited for the caller's, or staged to the host with the weights.
+``run(weights, gate=None, copy_gate=None)`` hands the kernel's ``lerp_`` its weights (one per slot,
+or one weight) and an optional device gate (a 0-dim bool tensor: true skips the update), and the
+copies theirs, each read where the update runs: on the side stream after it waited for the
+caller's, or staged to the host with the weights.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ def _lerp(update: Update, weights: Weights, gate: torch.Tensor | None) -> None:
         update.lerp_(weights, gate)  # type: ignore[call-arg]
 
 
+def _copy(update: Update, gate: torch.Tensor | None) -> None:
+    if gate is None:
+        update.copy_()
+    else:
+        update.copy_(gate)
+
+
 class Inline:
     """The update on the caller's stream, in order with everything else."""
 
@@ -75,10 +83,16 @@ class Inline:
     ) -> None:
         self.avg, self.copy = build_avg(*avg), build_copy(*copy)
 
-    def run(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
-        """One averaging update with lerp weight(s) ``weights`` (= 1 - decay)."""
+    def run(
+        self,
+        weights: Weights,
+        gate: torch.Tensor | None = None,
+        copy_gate: torch.Tensor | None = None,
+    ) -> None:
+        """One averaging update with lerp weight(s) ``weights`` (= 1 - decay); ``gate`` skips the
+        averaging, ``copy_gate`` the copies (0-dim bool tensors, True to skip)."""
         _lerp(self.avg, weights, gate)
-        self.copy.copy_()
+        _copy(self.copy, copy_gate)
 
     def wait(self) -> None:
         """Before reading or writing the shadows: nothing to wait for inline."""
@@ -135,14 +149,19 @@ class SideStream(_WaitsBeforeStep):
         self.avg, self.copy = build_avg(*avg), build_copy(*copy)
         self._hook_optimizer_steps()
 
-    def run(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
+    def run(
+        self,
+        weights: Weights,
+        gate: torch.Tensor | None = None,
+        copy_gate: torch.Tensor | None = None,
+    ) -> None:
         if self.snap_src:  # once the previous update has read the last snapshot
             self.wait_device()
             torch._foreach_copy_(self.snap_dst, self.snap_src)
         self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
             _lerp(self.avg, weights, gate)
-            self.copy.copy_()
+            _copy(self.copy, copy_gate)
         self._event.record(self.stream)
 
     def wait(self) -> None:
@@ -175,23 +194,29 @@ class Offload(_WaitsBeforeStep):
             (self.staging if direct else self.snap_dst).append(stage)
         n = len(avg[1])
         self.avg, self.copy = build_avg(avg[0], staged[:n]), build_copy(copy[0], staged[n:])
-        self._gate: torch.Tensor | None = None  # the gate's host copy, made at the first gate
+        self._gates: dict[str, torch.Tensor] = {}  # each gate's host copy, made at its first use
         self._future: Future[None] | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="polyak-offload")
         if self._event is not None:
             self._hook_optimizer_steps()
 
-    def _staged_gate(self, gate: torch.Tensor | None) -> torch.Tensor | None:
+    def _staged_gate(self, gate: torch.Tensor | None, role: str) -> torch.Tensor | None:
         """The gate as the host update will read it: a pinned copy staged with the weights."""
         if gate is None or not gate.is_cuda:
             return gate
-        if self._gate is None:
-            self._gate = torch.empty((), dtype=gate.dtype, device="cpu", pin_memory=True)
-        return self._gate
+        if role not in self._gates:
+            self._gates[role] = torch.empty((), dtype=gate.dtype, device="cpu", pin_memory=True)
+        return self._gates[role]
 
-    def run(self, weights: Weights, gate: torch.Tensor | None = None) -> None:
+    def run(
+        self,
+        weights: Weights,
+        gate: torch.Tensor | None = None,
+        copy_gate: torch.Tensor | None = None,
+    ) -> None:
         self.wait_host()  # bounded staleness: one update in flight at most
-        host_gate = self._staged_gate(gate)
+        host_gate = self._staged_gate(gate, "lerp")
+        host_copy_gate = self._staged_gate(copy_gate, "copy")
         if self.stream is not None:
             if self.snap_src:  # buffers: on the caller's stream, before the next forward
                 torch._foreach_copy_(self.snap_dst, self.snap_src, non_blocking=True)
@@ -199,19 +224,22 @@ class Offload(_WaitsBeforeStep):
             with torch.cuda.stream(self.stream):
                 if self.sources:
                     torch._foreach_copy_(self.staging, self.sources, non_blocking=True)
-                if host_gate is not gate:
-                    host_gate.copy_(gate, non_blocking=True)  # type: ignore[union-attr]
+                for staged, given in ((host_gate, gate), (host_copy_gate, copy_gate)):
+                    if staged is not given:
+                        staged.copy_(given, non_blocking=True)  # type: ignore[union-attr]
             self._event.record(self.stream)
         else:  # CPU sources: stage synchronously so the optimizer cannot race the worker
             torch._foreach_copy_(self.staging, self.sources)
-        self._future = self._pool.submit(self._host_update, weights, host_gate)
+        self._future = self._pool.submit(self._host_update, weights, host_gate, host_copy_gate)
 
-    def _host_update(self, weights: Weights, gate: torch.Tensor | None) -> None:
+    def _host_update(
+        self, weights: Weights, gate: torch.Tensor | None, copy_gate: torch.Tensor | None
+    ) -> None:
         if self._event is not None:
             self._event.synchronize()  # on the worker thread: the caller never blocks here
         with torch.no_grad():
             _lerp(self.avg, weights, gate)
-            self.copy.copy_()
+            _copy(self.copy, copy_gate)
 
     def wait_host(self) -> None:
         """Block until an offloaded update has finished (and re-raise its error, if any)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -335,6 +336,81 @@ class _ChunkPlan:
                     take.copy_(not_gate)
 
 
+class SlotGatedCopy:
+    """``shadow <- source`` for every slot and pair unless a device gate is set, bit for bit and
+    without a host read: through integer views of both (same dtype: every copied tensor keeps its
+    source's dtype), ``s = s * gate + p * (1 - gate)`` per (device, element size) group with
+    multi-tensor ops (one factor is 0, the other 1: exact for any bits). Pairs whose dtypes differ,
+    or whose element size has no integer view, take a ``torch.where`` each.
+
+    The views are planned once and again when a source's storage moves (one ``data_ptr()`` per
+    copied tensor and gated update: copied tensors are few, e.g. ``num_batches_tracked``).
+    """
+
+    def __init__(self, slots: list[list[torch.Tensor]], sources: list[torch.Tensor]) -> None:
+        self.slots, self.sources = slots, sources
+        self._plan()
+
+    def _plan(self) -> None:
+        self.pointers = [t.data_ptr() for t in self.sources]
+        groups: dict[tuple[torch.device, torch.dtype], tuple[list[list[torch.Tensor]], list]] = {}
+        self.others: list[int] = []
+        for i, source in enumerate(self.sources):
+            bits = _INT_VIEWS.get(source.element_size())
+            if bits is None or any(slot[i].dtype != source.dtype for slot in self.slots):
+                self.others.append(i)
+                continue
+            shadows, sources = groups.setdefault(
+                (source.device, bits), ([[] for _ in self.slots], [])
+            )
+            for k, slot in enumerate(self.slots):
+                shadows[k].append(slot[i].view(bits))
+            sources.append(source.view(bits))
+        self.groups = [
+            (
+                shadows,
+                sources,
+                torch.zeros((), dtype=bits, device=device),
+                [torch.zeros((), dtype=bits, device=device)] * len(sources),
+            )
+            for (device, bits), (shadows, sources) in groups.items()
+        ]
+        self.not_gate = {
+            device: torch.zeros((), dtype=torch.bool, device=device) for device, _ in groups
+        }
+
+    def run(self, gate: torch.Tensor) -> None:
+        if [t.data_ptr() for t in self.sources] != self.pointers:
+            self._plan()
+        for device, not_gate in self.not_gate.items():
+            if device == gate.device:
+                torch.logical_not(gate, out=not_gate)
+        for shadows, sources, keep, take in self.groups:
+            keep.copy_(gate)
+            take[0].copy_(self.not_gate[keep.device])
+            for slot in shadows:
+                torch._foreach_mul_(slot, keep)
+                torch._foreach_addcmul_(slot, sources, take)
+        for i in self.others:
+            for slot in self.slots:
+                torch.where(gate, slot[i], self.sources[i].to(slot[i].dtype), out=slot[i])
+
+
+def gated_copy_(
+    holder: Any, slots: list[list[torch.Tensor]], sources: list[torch.Tensor], gate: torch.Tensor
+) -> bool:
+    """The gated copy every kernel shares: ``True`` where it was done (skipped or selected on the
+    device), ``False`` where the caller should copy as usual (a CPU gate read as False on the
+    host). ``holder`` keeps the :class:`SlotGatedCopy` plan (as ``_gated_copy``)."""
+    check_gate(gate)
+    if gate.device.type in HOST_GATE_DEVICES:
+        return bool(gate.item())  # a CPU tensor: no device to wait for
+    if getattr(holder, "_gated_copy", None) is None:
+        holder._gated_copy = SlotGatedCopy(slots, sources)
+    holder._gated_copy.run(gate)
+    return True
+
+
 class ForeachUpdate:
     """``_foreach_lerp_`` / ``_foreach_copy_`` per group; mixed dtypes through a scratch buffer.
 
@@ -522,7 +598,10 @@ class ForeachUpdate:
                 chunk.value_span.mul_(take)
                 torch._foreach_add_(chunk.slot_bits[k], chunk.value_bits)
 
-    def copy_(self) -> None:
+    def copy_(self, gate: torch.Tensor | None = None) -> None:
+        """``shadow <- source`` for every slot, unless ``gate`` (as in :meth:`lerp_`)."""
+        if gate is not None and gated_copy_(self, self.slots, self.sources, gate):
+            return
         if self.chunked is not None:
             for slots, sources in self.copies:
                 for shadows in slots:

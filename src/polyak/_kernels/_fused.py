@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from polyak._kernels._base import SlotKernel, group_slots, lerp_in_compute_dtype
+from polyak._kernels._foreach import gated_copy_
 from polyak._kernels._stochastic import keyed_stochastic_lerp, stream_key, stream_offsets
 
 
@@ -166,8 +167,10 @@ class FusedUpdate(SlotKernel):
             else:
                 (self._lerp if gate is None else self._lerp_gated)(slots, sources, w, gate)
 
-    def copy_(self) -> None:
-        """Every slot: :math:`s_k \\leftarrow p`."""
+    def copy_(self, gate: torch.Tensor | None = None) -> None:
+        """Every slot: :math:`s_k \\leftarrow p`, unless ``gate`` (see ``gated_copy_``)."""
+        if gate is not None and gated_copy_(self, self.slots, self.sources, gate):
+            return
         for _, slots, sources in self.groups:
             for shadows in slots:
                 self._copy(shadows, sources)

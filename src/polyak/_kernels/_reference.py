@@ -107,7 +107,12 @@ class ReferenceUpdate:
         flat = self._scratch[key]
         return flat[: shadow.numel()].view(shadow.shape)
 
-    def copy_(self) -> None:
+    def copy_(self, gate: torch.Tensor | None = None) -> None:
+        """``shadow <- source`` for every slot; with ``gate``: ``where(gate, shadow, source)``."""
+        check_gate(gate)
         for shadows in self.slots:
             for shadow, source in zip(shadows, self.sources, strict=True):
-                shadow.copy_(source)
+                if gate is None:
+                    shadow.copy_(source)
+                else:
+                    torch.where(gate, shadow, source.to(shadow.dtype), out=shadow)

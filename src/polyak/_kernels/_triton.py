@@ -51,6 +51,7 @@ import triton
 import triton.language as tl
 
 from polyak._kernels._base import SlotKernel, group_slots
+from polyak._kernels._foreach import gated_copy_
 from polyak._kernels._stochastic import stream_offsets
 
 BLOCK = 2048  # elements per program: 16 per thread at 4 warps, four 128-bit fp32 loads
@@ -394,8 +395,10 @@ class TritonUpdate(SlotKernel):
             **LAUNCH_OPTIONS,
         )
 
-    def copy_(self) -> None:
-        """Every slot: :math:`s_k \\leftarrow p`."""
+    def copy_(self, gate: torch.Tensor | None = None) -> None:
+        """Every slot: :math:`s_k \\leftarrow p`, unless ``gate`` (see ``gated_copy_``)."""
+        if gate is not None and gated_copy_(self, self.slots, self.sources, gate):
+            return
         for shadows in self.slots:
             if shadows:
                 torch._foreach_copy_(shadows, self.sources)
