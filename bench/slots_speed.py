@@ -81,19 +81,29 @@ def tracked(workload: Any) -> list[torch.Tensor]:
     return tensors
 
 
-def ema_implementations(workload: Any) -> dict[str, Any]:
-    """Two EMAs against one EMA with two slots, through ``polyak.EMA.update()``."""
-    settings = {
-        "buffers": "average" if workload.buffers else "none",
-        "shadow_dtype": workload.shadow_dtype,
-        "kernel": "foreach",
-    }
-    separate = [polyak.EMA(workload.model, d, **settings) for d in DECAYS]
-    both = polyak.EMA(workload.model, rule=averagers.Exponentials(DECAYS), **settings)
-    return {
-        "ema_separate": lambda: [ema.update() for ema in separate],
-        "ema_two_slots": both.update,
-    }
+def ema_implementations(workload: Any, kernels: list[str]) -> dict[str, Any]:
+    """Two EMAs against one EMA with two slots, through ``polyak.EMA.update()``, per kernel
+    (``foreach`` rows unsuffixed, others as ``ema_separate[fused]``, ``ema_two_slots[fused]``)."""
+    impls: dict[str, Any] = {}
+    for kernel in kernels:
+        settings = {
+            "buffers": "average" if workload.buffers else "none",
+            "shadow_dtype": workload.shadow_dtype,
+            "kernel": kernel,
+        }
+        separate = [polyak.EMA(workload.model, d, **settings) for d in DECAYS]
+        both = polyak.EMA(workload.model, rule=averagers.Exponentials(DECAYS), **settings)
+        suffix = "" if kernel == "foreach" else f"[{kernel}]"
+        impls[f"ema_separate{suffix}"] = lambda separate=separate: [e.update() for e in separate]
+        impls[f"ema_two_slots{suffix}"] = both.update
+    return impls
+
+
+def _baseline(label: str) -> str:
+    """What a row is compared with: ``separate``, or ``ema_separate`` of the same kernel."""
+    if not label.startswith("ema_"):
+        return "separate"
+    return "ema_separate" + (label[label.index("[") :] if "[" in label else "")
 
 
 def implementations(
@@ -121,10 +131,12 @@ def implementations(
     return impls
 
 
-def run(name: str, rounds: int, warmup: int, chunks: list[int], seed: int) -> dict[str, Any]:
+def run(
+    name: str, rounds: int, warmup: int, chunks: list[int], seed: int, kernels: list[str]
+) -> dict[str, Any]:
     workload = WORKLOADS[name]("cpu")
     sources, dtype, arch = tracked(workload), workload.shadow_dtype, workload.arch
-    impls = implementations(sources, dtype, chunks) | ema_implementations(workload)
+    impls = implementations(sources, dtype, chunks) | ema_implementations(workload, kernels)
     times: dict[str, list[float]] = {k: [] for k in impls}
     rng = random.Random(seed)
     monitor = LoadMonitor().start()
@@ -141,7 +153,7 @@ def run(name: str, rounds: int, warmup: int, chunks: list[int], seed: int) -> di
     rows = []
     for label, samples in times.items():
         med, iqr = median_iqr(samples)
-        baseline = "ema_separate" if label.startswith("ema_") else "separate"
+        baseline = _baseline(label)
         ratio, lo, hi = paired_ratio(samples, times[baseline])
         rows.append(
             {
@@ -170,6 +182,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS)
     parser.add_argument("--chunks", nargs="*", type=int, default=[], help="extra chunk sizes")
+    parser.add_argument(
+        "--ema-kernels",
+        nargs="+",
+        default=["foreach"],
+        help="kernels of the EMA-level rows (e.g. foreach fused: fused compiles first)",
+    )
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
@@ -178,7 +196,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = [run(w, args.rounds, args.warmup, args.chunks, args.seed) for w in args.workloads]
+    results = [
+        run(w, args.rounds, args.warmup, args.chunks, args.seed, args.ema_kernels)
+        for w in args.workloads
+    ]
     loaded, why = load_verdict([r["foreign_cores"] for r in results], load_threshold(None))
     report = {
         "benchmark": "slots_speed",
@@ -188,6 +209,7 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "chunk_elements": _foreach.CHUNK_ELEMENTS["cpu"],
         "rounds": args.rounds,
+        "ema_kernels": args.ema_kernels,
         "loaded": loaded,
         "load": why,
         "workloads": results,
