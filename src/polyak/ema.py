@@ -36,7 +36,6 @@ from polyak._switch import ModeSwitch, Switch
 from polyak._tracking import Include, Watch, dtype_name, named_pairs, named_tensors, unwrap
 from polyak.averagers import Exponential, Rule
 from polyak.bn import BatchNormMonitor
-from polyak.integrations import hook
 
 __all__ = ["EMA", "LoadedSettingsWarning"]
 
@@ -470,16 +469,6 @@ class EMA:
             number = self._steps.num_averages
             if number in _BN_CHECKS or number % 1000 == 0:
                 self._bn_monitor.check()
-
-    def attach(
-        self, optimizer: torch.optim.Optimizer | Iterable[torch.optim.Optimizer]
-    ) -> hook.Attachment:
-        """Call :meth:`update` after every real step of ``optimizer`` (an optimizer post-step
-        hook); returns a handle whose ``remove()`` detaches. ``polyak.attach(optimizer, self)``:
-        steps that ``GradScaler`` skips update nothing, gradient accumulation updates once per
-        ``step()``, and a list of optimizers updates once per round
-        (:mod:`polyak.integrations.hook`)."""
-        return hook.attach(optimizer, self)
 
     def _finite_gates(
         self, step: int | torch.Tensor, off: torch.Tensor | None = None

@@ -140,7 +140,7 @@ def attach(optimizer: Optimizer | Iterable[Optimizer], ema: Updatable) -> Attach
     ``optimizer``: one optimizer, or a list of them, whose steps are counted in rounds: the EMA
     updates once every optimizer in the list has taken a real step since its last update (see
     :mod:`polyak.integrations.hook` for several optimizers). ``ema``: a :class:`polyak.EMA` (or
-    anything with ``update()``). ``ema.attach(optimizer)`` is the same call.
+    anything with ``update()``).
 
     What a real step is: ``optimizer.step()`` ran and did not skip. Gradient accumulation calls
     ``step()`` once per accumulated batch, so the EMA updates once per accumulated batch;

@@ -49,9 +49,9 @@ except ImportError as error:  # pragma: no cover - the test extra installs trans
         "pip install 'polyak[hf]'."
     ) from error
 
-import polyak
 from polyak import schedules
 from polyak._options import DEFAULT_DECAY, DecayLike
+from polyak.ema import EMA
 from polyak.io import ALIASES_KEY, save_safetensors
 
 __all__ = ["STATE_FILE", "EMACallback", "ema_evaluation", "load_ema_state", "save_ema_state"]
@@ -64,7 +64,7 @@ _TENSOR = "__tensor__"  # in the metadata's JSON tree: {"__tensor__": key} stand
 # the keyword options polyak.EMA takes (everything but the model and the decay)
 _EMA_OPTIONS = frozenset(
     name
-    for name, p in inspect.signature(polyak.EMA).parameters.items()
+    for name, p in inspect.signature(EMA).parameters.items()
     if p.kind is inspect.Parameter.KEYWORD_ONLY
 )
 
@@ -188,7 +188,7 @@ def _publish(source: Path, target: Path) -> None:
 
 
 def _save_pretrained(
-    ema: polyak.EMA, model: nn.Module, directory: Path, processing_class: Any = None
+    ema: EMA, model: nn.Module, directory: Path, processing_class: Any = None
 ) -> None:
     """Write the averaged model into ``directory`` as ``model.save_pretrained`` does (config and
     ``model.safetensors``; a plain ``nn.Module``: ``model.safetensors`` alone), with the
@@ -310,7 +310,7 @@ class EMACallback(TrainerCallback):
             None if save_averaged_weights is None else Path(save_averaged_weights)
         )
         self.options = options
-        self.ema: polyak.EMA | None = None
+        self.ema: EMA | None = None
         self._scale: float | None = None  # a fused optimizer's GradScaler scale after the last step
         self._depth = 0  # how many swapped() blocks are open (evaluate() may call itself)
         self._warned_live = False
@@ -323,7 +323,7 @@ class EMACallback(TrainerCallback):
         equal the weights, so evaluation keeps the live ones)."""
         return self.ema is not None and self.ema.step > self.update_after_step
 
-    def _require_ema(self, event: str) -> polyak.EMA:
+    def _require_ema(self, event: str) -> EMA:
         if self.ema is None:
             raise RuntimeError(
                 f"EMACallback.{event} ran before on_train_begin built the EMA; add the callback to "
@@ -386,7 +386,7 @@ class EMACallback(TrainerCallback):
                 f"EMACallback.on_train_begin needs the Trainer's model (an nn.Module), got "
                 f"{model!r}."
             )
-        self.ema = polyak.EMA(model, self.decay, **self.options)
+        self.ema = EMA(model, self.decay, **self.options)
         scaler = self._fused_scaler(kwargs.get("optimizer"))
         self._scale = None if scaler is None else scaler.get_scale()
         self._depth = 0
