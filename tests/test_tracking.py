@@ -347,3 +347,67 @@ def test_matched_reports_missing_names_and_shapes_at_once():
 def test_matched_refuses_a_missing_name_alone():
     with pytest.raises(ValueError, match=r"missing names \['2\.weight'\]; pass the model"):
         _tracking.matched(net(), {"0.weight": torch.Size([8, 4]), "2.weight": torch.Size([1])})
+
+
+# ------------------------------------------------------- what each update checks, and what waits
+
+
+def test_deleted_parameter_is_seen_at_the_next_update():
+    """``del module.weight`` reports to no hook: the per-update identity check sees it."""
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    e.update()
+    before = shadows(e)
+    del m[1].bias
+    with pytest.raises(RuntimeError, match=r"1\.bias is no longer in the model"):
+        e.update()
+    for name, value in before.items():
+        assert torch.equal(e.average(name), value)
+
+
+def test_buffer_assigned_anew_is_followed_at_the_next_update():
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    e.update()
+    before = shadows(e)
+    m[1].running_mean = torch.full((8,), 6.0)  # the buffer-registration hook
+    e.update()
+    assert_half_way(e.average("1.running_mean"), before["1.running_mean"], 6.0)
+
+
+def test_parameters_made_anew_by_apply_are_followed_at_the_next_update():
+    """With the overwrite flag, ``_apply`` writes new parameter objects into ``_parameters``
+    directly (no hook; the old objects keep their dtype): the identity check sees them."""
+    m = nn.Linear(4, 8)  # no buffers: nothing else would show it
+    e = polyak.EMA(m, decay=0.5)
+    e.update()
+    before = shadows(e)
+    old = m.weight
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        m.double()
+        assert m.weight is not old and old.dtype == torch.float32
+        with torch.no_grad():
+            m.weight.fill_(2.0)
+        e.update()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    assert e.average("weight").dtype == torch.float64  # followed, re-cast by the dtype policy
+    assert_half_way(e.average("weight"), before["weight"], 2.0)
+
+
+def test_direct_dict_write_is_followed_at_the_next_update_and_at_every_read():
+    """A parameter written into ``_parameters`` directly (as FSDP2's ``fully_shard`` does) reports
+    to no hook; the identity check follows it before a read and at the next update."""
+    m = net()
+    e = polyak.EMA(m, decay=0.5)
+    e.update()
+    new = nn.Parameter(torch.full((8,), 4.0))
+    m[1]._parameters["bias"] = new
+    before = shadows(e)
+    e.copy_to()  # writes the averages into the new tensor, not the old one
+    assert torch.equal(new.detach(), before["1.bias"])
+    m[1]._parameters["bias"] = newer = nn.Parameter(torch.full((8,), 4.0))
+    e.update()
+    assert_half_way(e.average("1.bias"), before["1.bias"], 4.0)
+    assert newer is m[1].bias
