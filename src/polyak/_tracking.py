@@ -19,7 +19,7 @@ notices all of these on the host, cheaply:
 - a whole-model conversion keeps the parameter objects and changes them in place: the first tensor
   of each (kind, dtype, device) group is checked for dtype, device and identity;
 - a DTensor (FSDP2) parameter is averaged through its local shard, a view the update plans once
-  (``to_local()`` per update costs ten times the update). FSDP2 replaces that view in place of
+  (rather than a ``to_local()`` per tensor per update). FSDP2 replaces that view in place of
   the parameter (re-padding it at its lazy initialisation after ``load_state_dict(...,
   assign=True)``, or after ``model.to(...)``), so each DTensor's local tensor is checked for
   identity (~30 ns a tensor).
