@@ -29,7 +29,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 HERE = Path(__file__).resolve().parent
-MODULES = ("tests.test_fsdp2", "tests.test_distributed")  # with SCENARIOS, run in this order
+# with SCENARIOS, run in this order (test_docs: the docs' "# runs in: torchrun" blocks)
+MODULES = ("tests.test_fsdp2", "tests.test_distributed", "tests.test_docs")
 
 
 def skip_reason() -> str | None:
