@@ -349,7 +349,7 @@ def test_matched_refuses_a_missing_name_alone():
         _tracking.matched(net(), {"0.weight": torch.Size([8, 4]), "2.weight": torch.Size([1])})
 
 
-# ------------------------------------------------------- what each update checks, and what waits
+# ---------------------------------- what only the per-update identity check sees (no hook fires)
 
 
 def test_deleted_parameter_is_seen_at_the_next_update():
@@ -370,7 +370,7 @@ def test_buffer_assigned_anew_is_followed_at_the_next_update():
     e = polyak.EMA(m, decay=0.5)
     e.update()
     before = shadows(e)
-    m[1].running_mean = torch.full((8,), 6.0)  # the buffer-registration hook
+    m[1].running_mean = torch.full((8,), 6.0)  # a new buffer object in _buffers
     e.update()
     assert_half_way(e.average("1.running_mean"), before["1.running_mean"], 6.0)
 

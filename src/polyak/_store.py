@@ -11,10 +11,10 @@ when their tensor is on CUDA.
 
 A DTensor parameter (FSDP2, tensor or expert parallel, HSDP) gets a DTensor shadow with exactly
 its placements, which is what users read; the kernels get local views (the local shard, made once
-when an update is planned, so ``to_local()`` is not called per tensor per update: about 1.6 µs a
-tensor on the CPU, bench/results/sharded_speed_cpu_2026-12-05.json), so an update never dispatches
-through DTensor and never communicates. Each rank's shadows
-then take its parameters' local shards' bytes: the full shadow divided by the shards.
+when an update is planned, which saves a ``to_local()`` per tensor per update: about 1.6 µs a
+tensor on the CPU, bench/results/sharded_speed_cpu_2026-12-05.json), so an update never
+dispatches through DTensor and never communicates. Each rank's shadows then take its
+parameters' local shards' bytes: the full shadow divided by the shards.
 :func:`shard_start` says where a local shard's elements sit among the full tensor's, so that the
 stochastic-rounding stream draws distinct bits for distinct elements on every rank, and the same
 bits for replicas of one shard.
