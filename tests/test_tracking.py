@@ -411,3 +411,82 @@ def test_direct_dict_write_is_followed_at_the_next_update_and_at_every_read():
     e.update()
     assert_half_way(e.average("1.bias"), before["1.bias"], 4.0)
     assert newer is m[1].bias
+
+
+# ------------------------- the per-dict check: ``owner == snapshot`` only where it is exact
+
+
+def test_whole_dict_check_covers_plain_many_element_dicts_and_the_rest_goes_entry_by_entry():
+    """Linear's and BatchNorm's ``_parameters`` are compared whole; BatchNorm's ``_buffers``
+    holds the one-element ``num_batches_tracked``, so its entries are checked one by one."""
+    m = net()
+    m.append(nn.Linear(8, 2, bias=False))  # {"weight": ..., "bias": None}: compared whole
+    watch = Watch(m, dict(m.named_parameters()) | dict(m.named_buffers()))
+    assert {id(d) for d in watch._dicts} == {id(m[i]._parameters) for i in (0, 1, 2)}
+    assert all(
+        snap == d and snap is not d for snap, d in zip(watch._snapshots, watch._dicts, strict=True)
+    )
+    assert watch._keys == ["running_mean", "running_var", "num_batches_tracked"]
+    assert all(owner is m[1]._buffers for owner in watch._owners)
+    assert not watch.stale()
+
+
+@pytest.mark.parametrize("kind", ["parameter", "buffer"])
+@pytest.mark.parametrize("shape", [(), (1,), (3,)])
+def test_replacement_equal_in_value_is_seen_before_a_read(kind, shape):
+    """A tensor replaced by an equal clone is another object: ``copy_to`` writes the average into
+    the new one. A one-element ``new == old`` would read as equal, so such a dict is checked by
+    identity; a many-element one raises in ``bool()``, which reads as changed."""
+    m = nn.Module()
+    if kind == "parameter":
+        m.a = nn.Parameter(torch.full(shape, 2.0))
+        m.b = nn.Parameter(torch.ones(4))
+        owner = m._parameters
+    else:
+        m.register_buffer("a", torch.full(shape, 2.0))
+        m.register_buffer("b", torch.ones(4))
+        owner = m._buffers
+    e = polyak.EMA(m, decay=0.5, buffers="average")
+    with torch.no_grad():
+        owner["a"].fill_(4.0)
+    e.update()  # the average of a: 3
+    owner["a"] = new = owner["a"].clone()  # equal in value: 4
+    if kind == "parameter":
+        owner["a"] = new = nn.Parameter(new)
+    e.copy_to()
+    assert new is m.a
+    assert torch.equal(new.detach(), torch.full(shape, 3.0))
+
+
+class _AlwaysEqual(torch.Tensor):
+    """A tensor subclass whose ``==`` is not elementwise (as DTensor's or a user's may not be)."""
+
+    def __eq__(self, other):  # type: ignore[override]
+        return True
+
+    __hash__ = torch.Tensor.__hash__
+
+
+def test_tensor_subclass_dicts_are_checked_by_identity():
+    m = nn.Module()
+    m.register_buffer("a", torch.full((3,), 2.0).as_subclass(_AlwaysEqual))
+    e = polyak.EMA(m, decay=0.5, buffers="average")
+    m._buffers["a"] = new = torch.full((3,), 4.0).as_subclass(_AlwaysEqual)
+    e.update()
+    assert_half_way(e.average("a").as_subclass(torch.Tensor), torch.full((3,), 2.0), 4.0)
+    assert new is m.a
+
+
+def test_untracked_change_in_a_compared_dict_renews_the_watch_without_replanning():
+    m = nn.Module()
+    m.a = nn.Parameter(torch.full((3,), 2.0))
+    m.b = nn.Parameter(torch.ones(4))
+    e = polyak.EMA(m, decay=0.5, include=lambda name, tensor: name == "a")
+    engine = e._engine
+    m._parameters["b"] = nn.Parameter(torch.zeros(4))  # untracked, in the dict compared whole
+    assert e._watch.stale()
+    with torch.no_grad():
+        m.a.fill_(4.0)
+    e.update()
+    assert e._engine is engine and not e._watch.stale()  # renewed, not re-planned
+    assert_half_way(e.average("a"), torch.full((3,), 2.0), 4.0)
