@@ -103,6 +103,10 @@ PEER_PACKAGES = ("torch-ema", "ema-pytorch", "timm")
 RAW = "raw_foreach_lerp"
 RAW_LIVE = "live"  # the kernel label of raw _foreach_lerp_ on the nn.Parameters themselves
 RAW_CHUNKED = "chunked"  # bf16 params, fp32 shadows: upcast through a persistent chunked scratch
+# a second raw row with shadows of its own: the control that shows how far two identical updates
+# differ in one run (where their memory landed), the band within which other ratios are noise
+RAW_REPLICA = "replica"
+PAIRS = "+pairs"  # the kernel label suffix of polyak rows built on (name, tensor) pairs
 # the value check (``verify_values``): updates run towards a model shifted by VERIFY_SHIFT
 VERIFY_STEPS = 2
 VERIFY_SHIFT = 64.0
@@ -504,7 +508,23 @@ def make_polyak(kernel: str, label: str | None = None, **options: Any) -> Callab
     return make
 
 
-def make_raw(wl: Workload, live: bool = False) -> Impl:
+def make_polyak_pairs(kernel: str) -> Callable:
+    """``polyak.EMA(pairs, kernel=kernel)`` on the workload's ``(name, tensor)`` pairs: the same
+    update with the tensors fixed at construction (as torch_ema keeps them), so no per-update
+    check that the model still holds them (``polyak._tracking``): what that check costs is this
+    row against the ``polyak`` row of the same kernel."""
+
+    def make(wl: Workload) -> Impl:
+        import polyak
+
+        pairs = list(wl.avg) + list(wl.copy)
+        ema = polyak.EMA(pairs, decay=DECAY, shadow_dtype=wl.shadow_dtype, kernel=kernel)
+        return Impl("polyak", kernel + PAIRS, ema.update, ema.average, "(name, tensor) pairs", ema)
+
+    return make
+
+
+def make_raw(wl: Workload, live: bool = False, label: str | None = None) -> Impl:
     """``_foreach_lerp_`` on detached aliases of the weights (``live``: on the nn.Parameters).
 
     The detached form is the floor of a multi-tensor update; the live form is what any EMA that
@@ -549,7 +569,8 @@ def make_raw(wl: Workload, live: bool = False) -> Impl:
         note = note.replace("params, w", "live nn.Parameters, w")
     table = dict(zip(names, shadows, strict=True))
     table |= dict(zip([n for n, _ in wl.copy], cdst, strict=True))
-    return Impl(RAW, RAW_LIVE if live else "foreach", update, table.get, note, (shadows, cdst))
+    kernel = label or (RAW_LIVE if live else "foreach")
+    return Impl(RAW, kernel, update, table.get, note, (shadows, cdst))
 
 
 # bytes of the raw chunked row's fp32 scratch (--raw-chunk-mib; None: a quarter of the device's
@@ -805,6 +826,12 @@ def _kernel_applies(kernel: str) -> Callable[[Workload], bool]:
 # or copies every buffer; ema-pytorch and timm V2 have no bf16-shadow option), it has no row.
 SHIM = "compat_"
 SHIM_TARGET = "polyak.compat drop-in <= 1.05x polyak.EMA (same kernel)"
+# ours, not the issue's: the spread of two identical raw rows (placement), what following the
+# model costs (polyak on the model against polyak on fixed (name, tensor) pairs), and the update
+# itself without that check against the raw op on the same live tensors
+CONTROL_TARGET = "control: a second raw _foreach_lerp_ row (own shadows) <= 1.05x the first"
+WATCH_TARGET = "following the model: polyak on the model <= 1.05x polyak on (name, tensor) pairs"
+PAIRS_TARGET = "polyak on (name, tensor) pairs <= 1.05x raw _foreach_lerp_ on the live tensors"
 
 
 def _engine_kernel(ema: Any) -> str:
@@ -946,8 +973,11 @@ SPECS: list[Spec] = [
     Spec("timm_v3", "foreach", make_timm_v3),
     Spec("swa_averaged_model", "foreach", make_swa),
     *COMPAT_SPECS,
-    # last: on a GPU whose memory runs short (the 1.31B model), this one is dropped, not a peer
+    # last: on a GPU whose memory runs short (the 1.31B model), these are dropped, not a peer
     Spec(RAW, RAW_LIVE, lambda wl: make_raw(wl, live=True), lambda wl: not _mixed(wl)),
+    # pairs can only average: a workload that copies integer buffers has no pairs row
+    Spec("polyak", "foreach" + PAIRS, make_polyak_pairs("foreach"), lambda wl: not wl.copy),
+    Spec(RAW, RAW_REPLICA, lambda wl: make_raw(wl, label=RAW_REPLICA), lambda wl: not _mixed(wl)),
 ]
 
 
@@ -1786,6 +1816,16 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         for r in group:
             if r["impl"].startswith(SHIM):
                 add(SHIM_TARGET, r, polyak_rows.get(r["kernel"]), 1.05)
+        replica = raw_rows.get(RAW_REPLICA)
+        if replica is not None and raw is not None:
+            add(CONTROL_TARGET, replica, raw, 1.05)
+        for r in group:
+            if r["impl"] == "polyak" and r["kernel"].endswith(PAIRS):
+                model_row = polyak_rows.get(r["kernel"][: -len(PAIRS)])
+                if model_row is not None:
+                    add(WATCH_TARGET, model_row, r, 1.05)
+                if device == "cpu" and live:
+                    add(PAIRS_TARGET, r, live, 1.05)
         if device == "cpu":
             for r in fast:
                 if raw and mixed:

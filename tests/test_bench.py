@@ -547,6 +547,41 @@ def test_drop_in_target_pairs_with_the_polyak_row_of_the_same_kernel(bench):
         assert "many_tiny compat_timm_v2/foreach (auto) = 1.020x" in text
 
 
+def test_control_watch_and_pairs_targets_pair_the_right_rows(bench):
+    """The replica against the first raw row; polyak on the model against polyak on pairs of the
+    same kernel (what following the model costs); pairs against the raw op on the live tensors
+    (CPU only). None of these rows counts as a polyak kernel row of the issue's targets."""
+    _, us = bench
+    base, _ = _drifting_rounds(40, 1.0, seed=10)
+    rows = [
+        _bench_row("many_tiny", "raw_foreach_lerp", "foreach", base, 5.0),
+        _bench_row("many_tiny", "raw_foreach_lerp", "replica", [t * 1.01 for t in base], 5.0),
+        _bench_row("many_tiny", "raw_foreach_lerp", "live", [t * 1.04 for t in base], 5.0),
+        _bench_row("many_tiny", "polyak", "foreach", [t * 1.3 for t in base], 5.0),
+        _bench_row("many_tiny", "polyak", "foreach+pairs", [t * 1.04 * 1.02 for t in base], 5.0),
+    ]
+    for device in ("cpu", "cuda"):
+        targets = us.evaluate_targets(_result(device, rows))
+        by = {t["target"]: t for t in targets}
+        control = by[us.CONTROL_TARGET]
+        assert (control["kernel"], control["ratio"]) == ("replica", pytest.approx(1.01, rel=1e-6))
+        watch = by[us.WATCH_TARGET]
+        assert watch["kernel"] == "foreach"
+        assert watch["ratio"] == pytest.approx(1.3 / 1.0608, rel=1e-6)
+        assert watch["verdict"] == "NOT met"
+        if device == "cpu":
+            pairs = by[us.PAIRS_TARGET]
+            assert pairs["kernel"] == "foreach+pairs"
+            assert pairs["ratio"] == pytest.approx(1.02, rel=1e-6)
+        else:
+            assert us.PAIRS_TARGET not in by
+        assert not any(
+            t["kernel"] == "foreach+pairs"
+            for t in targets
+            if "raw" in t["target"] and t["target"] != us.PAIRS_TARGET
+        )
+
+
 def test_a_drop_in_is_no_candidate_for_the_fastest_peer(bench):
     _, us = bench
     base, _ = _drifting_rounds(40, 1.0, seed=9)
