@@ -29,7 +29,9 @@ except ResNet-50, which always runs at full size):
    calls for all of them, in an order shuffled afresh each round (seeded), so drift and the cache
    left by the previous implementation hit all alike; median and IQR over the rounds, warm-up
    excluded, and every round's time (and position) in the JSON, so two rows can be compared
-   round by round;
+   round by round. Where a row's memory lands moves its time by several percent (the
+   ``replica`` row, a second raw row, shows how far in the same run), so every implementation
+   is built ``--placements`` times (CPU default 3) and round r times set r mod K of all of them;
 4. checks the values: the model is shifted, each implementation updates twice more, and each
    shadow must match a float64 lerp of its own previous value at ``DECAY`` (to a tolerance set
    by the shadow dtype); a row that fails, or that tracks another set of tensors than the
@@ -1431,6 +1433,15 @@ def bench_workload(
             rows.append(_row(wl, spec, status="unavailable", note=f"{type(e).__name__}: {e}"))
             continue
         live.append((spec, impl))
+    # the same implementations built again, ``--placements`` times in all: every round times one
+    # set of them (round r: set r mod K), so where each one's memory landed averages out
+    sets: dict[int, list[Impl]] = {id(impl): [impl] for _, impl in live}
+    for _ in range(args.placements - 1):
+        for spec, impl in live:
+            try:
+                sets[id(impl)].append(spec.make(wl))
+            except Exception as e:  # it built once: building it again must work too
+                raise RuntimeError(f"{spec.key}: a second build failed: {e}") from e
     phases["build"] = time.perf_counter() - t0
 
     # warm-up (at least 3 updates, so lazy init and first-update copies are past)
@@ -1449,12 +1460,15 @@ def bench_workload(
             if t > args.max_update_ms:
                 slow.append((spec, impl, t))
                 continue
+        for again in sets[id(impl)][1:]:
+            _warm_up(again, device, max(args.warmup, 3), args.compile_budget_s)
         warm_ms.append(t)
         ok.append((spec, impl))
     live = ok
     inner = calls_per_rep(warm_ms, args.min_rep_ms, args.max_inner)
     for _, impl in live:
-        impl.inner = inner
+        for each in sets[id(impl)]:
+            each.inner = inner
     phases["warmup"] = time.perf_counter() - t0 - phases["build"]
 
     checked = [impl for _, impl in live] + [i for _, i, _ in slow]
@@ -1467,10 +1481,12 @@ def bench_workload(
     t1 = time.perf_counter()
     samples: dict[int, list[float]] = {id(impl): [] for _, impl in live}
     positions: dict[int, list[int]] = {id(impl): [] for _, impl in live}
-    for order in round_orders(len(live), args.reps, f"{args.seed}:{wl.name}"):
+    orders = round_orders(len(live), args.reps, f"{args.seed}:{wl.name}")
+    for r, order in enumerate(orders):
         for pos, i in enumerate(order):
             impl = live[i][1]
-            samples[id(impl)].append(time_calls(impl.update, device, impl.inner))
+            placed = sets[id(impl)][r % args.placements]
+            samples[id(impl)].append(time_calls(placed.update, device, impl.inner))
             positions[id(impl)].append(pos)
     phases["timed"] = time.perf_counter() - t1
 
@@ -1542,7 +1558,7 @@ def bench_workload(
             r["x_best_peer"] = r["ms_median"] / best
     order = {id(s): i for i, s in enumerate(specs)}
     rows.sort(key=lambda r: order[id(r.pop("_spec"))])
-    del live, samples, seen
+    del live, samples, seen, sets
     return rows
 
 
@@ -1928,6 +1944,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="only these implementations (e.g. polyak:foreach raw_foreach_lerp timm_v3)",
     )
     p.add_argument("--reps", type=int, default=None, help="timed repetitions (40)")
+    p.add_argument(
+        "--placements",
+        type=int,
+        default=None,
+        help="build every implementation this many times and time round r on set r mod K, so "
+        "where each one's memory landed averages out (cpu 3, cuda 1: GPU memory)",
+    )
     p.add_argument("--warmup", type=int, default=None, help="warm-up updates (cpu 3, cuda 5)")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 reps, fewer train reps")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -1990,6 +2013,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reps = 5 if args.quick else 40
     if args.warmup is None:
         args.warmup = 1 if args.quick else (5 if cuda else 3)
+    if args.placements is None:
+        args.placements = 1 if (args.quick or cuda) else 3
+    if args.placements < 1:
+        raise SystemExit(f"--placements must be at least 1, got {args.placements}")
     if args.train_reps is None:
         args.train_reps = 3 if args.quick else 10
     if args.compile_budget_s is None:
@@ -2080,6 +2107,7 @@ def assemble(
             "device": args.device,
             "reps": args.reps,
             "warmup": args.warmup,
+            "placements": args.placements,
             "threads": torch.get_num_threads(),
             "min_rep_ms": args.min_rep_ms,
             "max_inner": args.max_inner,

@@ -594,10 +594,11 @@ def test_a_drop_in_is_no_candidate_for_the_fastest_peer(bench):
     assert by["polyak <= 0.8x fastest peer (ResNet-50)"]["ratio"] == pytest.approx(0.5, rel=0.02)
 
 
-def _bench_args(reps: int) -> argparse.Namespace:
+def _bench_args(reps: int, placements: int = 1) -> argparse.Namespace:
     """bench_workload's settings for a quick CPU run of fake implementations."""
     return argparse.Namespace(
         device="cpu",
+        placements=placements,
         warmup=3,
         compile_budget_s=0,
         max_update_ms=3000.0,
@@ -697,6 +698,41 @@ def test_every_implementation_gets_the_same_calls_per_rep(bench, monkeypatch):
     assert all(sorted(col) == [0, 1, 2] for col in zip(*positions, strict=True))
     assert len({tuple(col) for col in zip(*positions, strict=True)}) > 1
     assert all(r["check_summary"] == "ok" and r["eligible"] for r in rows)
+
+
+def test_placements_build_each_implementation_again_and_rotate_the_sets(bench, monkeypatch):
+    """``--placements 3``: every spec is built three times, each set warmed up; round r times
+    set r mod 3 of every row, and the row's samples are all the rounds'."""
+    _, us = bench
+    wl = _workload(bench, _mlp())
+    built: dict[str, list] = {"a": [], "b": []}
+
+    def make(key):
+        def build(wl):
+            impl = _fake_impl(bench, wl, us.DECAY)
+            built[key].append(impl)
+            return impl
+
+        return build
+
+    timed: list[object] = []
+
+    def fake_time_calls(fn, device, inner=1, wall=False):
+        timed.append(fn)
+        return 1.0
+
+    monkeypatch.setattr(us, "time_calls", fake_time_calls)
+    specs = [us.Spec("fake", k, make(k)) for k in built]
+    rows = us.bench_workload(wl, specs, _bench_args(reps=7, placements=3), 1e10)
+    assert [len(v) for v in built.values()] == [3, 3]
+    assert all(r["reps"] == 7 and r["eligible"] for r in rows)
+    for key, impls in built.items():
+        rounds = [
+            next(k for k, i in enumerate(impls) if i.update == fn)
+            for fn in timed
+            if any(i.update == fn for i in impls)
+        ]
+        assert rounds[-7:] == [0, 1, 2, 0, 1, 2, 0], key  # the timed rounds, after the warm-ups
 
 
 # ---------------------------------------------------------------- load and the commit
