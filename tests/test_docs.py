@@ -326,7 +326,7 @@ def test_run_launched_runs_each_block_as_a_script(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the benchmark tables
 
 # the CPU table: columns (header, impl, kernel); kernel None = the workload's polyak auto kernel
-CPU_JSON = ["update_speed_cpu_2026-12-04.json"]
+CPU_JSON = ["update_speed_cpu_2026-12-05c.json"]
 CPU_COLUMNS = [
     ("polyak (auto kernel)", "polyak", None),
     ("raw `_foreach_lerp_`", "raw_foreach_lerp", "foreach"),
@@ -435,6 +435,13 @@ def test_benchmark_tables_are_the_recorded_numbers(names, columns):
     page = (DOCS / "benchmarks.md").read_text()
     table = "\n".join(benchmark_table(names, columns))
     assert table in page, f"docs/benchmarks.md lacks the table of {names}; expected:\n{table}"
+
+
+def test_readme_cpu_table_is_the_recorded_run():
+    """The README's CPU update-speed table is the same recorded run as docs/benchmarks.md's."""
+    readme = (ROOT / "README.md").read_text()
+    assert "\n".join(benchmark_table(CPU_JSON, CPU_COLUMNS)) in readme
+    assert f"`bench/results/{CPU_JSON[0]}`" in readme
 
 
 @pytest.mark.parametrize(("page", "what", "name", "workload", "impl", "kernel"), QUOTED)
