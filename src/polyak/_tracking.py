@@ -24,7 +24,9 @@ notices all of these on the host, cheaply:
   of more than one element (``bool()`` of a many-element result raises, which reads as stale;
   ``t == None`` is false). A dict that holds anything else (a one-element or empty tensor, a
   DTensor, a lazy parameter) is checked entry by entry for identity instead
-  (``map(operator.is_, ...)``, about 35 ns a tensor);
+  (``map(operator.is_, ...)``, about 35 ns a tensor). The one change this misses is a tensor
+  subclass whose own ``__eq__`` answers a plain ``True``, written directly over a plain tensor;
+  no torch subclass does that;
 - a whole-model conversion keeps the parameter objects and changes them in place: the first tensor
   of each (kind, dtype, device) group is checked for dtype, device and identity;
 - a DTensor (FSDP2) parameter is averaged through its local shard, a view the update plans once
