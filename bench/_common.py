@@ -457,12 +457,23 @@ class LoadMonitor:
 
     def stop(self) -> float | None:
         """Average busy cores of other processes since :meth:`start`."""
+        parts = self.stop_parts()
+        return None if parts is None else foreign_cores(*parts)
+
+    def stop_parts(self) -> tuple[float, float, float] | None:
+        """``(machine busy CPU s, this process tree's CPU s, wall s)`` since :meth:`start`, for
+        runs whose processes are not one tree (ranks spawned side by side each see the others as
+        foreign; :func:`foreign_cores` then takes all of theirs)."""
         busy = _proc_stat_busy_s()
         if busy is None or self._busy0 is None or self._t0 is None:
             return None
         wall = time.perf_counter() - self._t0
-        own = _own_cpu_s() - self._own0
-        return max(0.0, (busy - self._busy0 - own) / max(wall, 1e-9))
+        return busy - self._busy0, _own_cpu_s() - self._own0, wall
+
+
+def foreign_cores(busy_s: float, own_s: float, wall_s: float) -> float:
+    """Busy cores of other processes: ``(busy - own) / wall``, at least 0."""
+    return max(0.0, (busy_s - own_s) / max(wall_s, 1e-9))
 
 
 def load_threshold(cores: int | None) -> float:

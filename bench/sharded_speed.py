@@ -34,6 +34,7 @@ import torch
 from _common import (
     RESULTS_DIR,
     LoadMonitor,
+    foreign_cores,
     git_commit,
     load_threshold,
     load_verdict,
@@ -95,14 +96,25 @@ def measure(args: argparse.Namespace, rank: int, world: int, device: torch.devic
     for _ in range(args.reps):
         for name in ROWS:
             times[name].append(time_calls(calls[name], device, inner=args.inner))
-    foreign = monitor.stop()
+    parts = monitor.stop_parts()
     return {
         "rank": rank,
         "elements": sum(p.numel() for p in plain.parameters()),
         "local_elements": sum(p.to_local().numel() for p in params),
         "times_ms": times,
-        "foreign_cores": foreign,
+        "load_parts": parts,
     }
+
+
+def ranks_foreign_cores(ranks: list[dict]) -> list[float | None]:
+    """Per rank, the busy cores of processes that are no rank of this run: the machine's busy
+    CPU time in the rank's timed stretch less every rank's own (on one machine the ranks are
+    siblings, not one process tree, so each would count the others as load)."""
+    parts = [r.get("load_parts") for r in ranks]
+    if any(p is None for p in parts):
+        return [None] * len(ranks)
+    own = sum(p[1] for p in parts)
+    return [foreign_cores(p[0], own, p[2]) for p in parts]
 
 
 def run(rank: int, world: int, args: argparse.Namespace, init: str | None) -> None:
@@ -138,7 +150,8 @@ def report(args: argparse.Namespace, world: int, ranks: list[dict]) -> None:
     ratio, lo, hi = paired_ratio(first["sharded"], first["unsharded"])
     floor_ratio, floor_lo, floor_hi = paired_ratio(first["sharded"], first["sharded floor"])
     naive_ratio, naive_lo, naive_hi = paired_ratio(first["to_local per update"], first["sharded"])
-    loaded, why = load_verdict([r["foreign_cores"] for r in ranks], load_threshold(os.cpu_count()))
+    foreign = ranks_foreign_cores(ranks)
+    loaded, why = load_verdict(foreign, load_threshold(os.cpu_count()))
     if args.device == "cuda":
         loaded, why = None, "GPU run: host load not judged"
     elements = ranks[0]["elements"]
@@ -179,7 +192,7 @@ def report(args: argparse.Namespace, world: int, ranks: list[dict]) -> None:
             "reps": args.reps,
             "inner": args.inner,
             "threads_per_rank": None if args.device == "cuda" else args.threads,
-            "load": {"loaded": loaded, "why": why},
+            "load": {"loaded": loaded, "why": why, "foreign_cores_per_rank": foreign},
             "rows": rows,
             "ratios": {
                 "sharded_over_unsharded": [ratio, lo, hi],

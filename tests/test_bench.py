@@ -736,6 +736,22 @@ def test_placements_build_each_implementation_again_and_rotate_the_sets(bench, m
 # ---------------------------------------------------------------- load and the commit
 
 
+def test_sharded_ranks_do_not_count_each_other_as_load(bench):
+    """Two spawned ranks, each busy one core for 10 s, on a machine busy 2.3 cores: the ranks are
+    siblings, so each one's own tree leaves the other out; all ranks' CPU time is taken off."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import sharded_speed
+    finally:
+        sys.path.remove(str(BENCH))
+    ranks = [{"load_parts": (23.0, 10.0, 10.0)}, {"load_parts": (22.0, 10.0, 10.0)}]
+    assert sharded_speed.ranks_foreign_cores(ranks) == pytest.approx([0.3, 0.2])
+    common, _ = bench
+    assert common.foreign_cores(23.0, 10.0, 10.0) == pytest.approx(1.3)  # one rank's own view
+    assert common.foreign_cores(5.0, 10.0, 10.0) == 0.0
+    assert sharded_speed.ranks_foreign_cores([{"load_parts": None}, ranks[0]]) == [None, None]
+
+
 def test_load_verdict_and_threshold(bench):
     common, _ = bench
     assert common.load_threshold(2) == 0.5 and common.load_threshold(16) == pytest.approx(1.6)
