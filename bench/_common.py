@@ -27,6 +27,7 @@ import json
 import math
 import os
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -498,3 +499,16 @@ def load_verdict(
             f"timings are skewed and ratios unreliable; rerun on a quiet machine"
         )
     return False, f"other processes kept at most {worst:.2f} cores busy (threshold {threshold:.2f})"
+
+
+def round_orders(n: int, rounds: int, seed: str) -> list[list[int]]:
+    """The order of ``n`` implementations in each of ``rounds`` rounds: a fresh shuffle per
+    round from ``random.Random(seed)`` (reproducible), so no implementation always runs behind
+    the same one, or first."""
+    rng = random.Random(seed)
+    orders = []
+    for _ in range(rounds):
+        order = list(range(n))
+        rng.shuffle(order)
+        orders.append(order)
+    return orders

@@ -7,7 +7,8 @@ Run:
 
 Every rank builds the same model (``--elements`` fp32 weights in ``--tensors`` square linear
 layers) twice: a plain replica, and a copy sharded with FSDP2's ``fully_shard`` per layer. Rows,
-timed round-robin on every rank (median per rank, rank 0 writes the JSON):
+timed round-robin on every rank in an order shuffled afresh each round, the same on every rank
+(median per rank, rank 0 writes the JSON):
 
 - ``unsharded``: ``ema.update()`` of the plain replica (every weight on every rank, as DDP);
 - ``sharded``: ``ema.update()`` of the FSDP2 model (each rank its local shards, no collective);
@@ -41,6 +42,7 @@ from _common import (
     machine_info,
     markdown_table,
     paired_ratio,
+    round_orders,
     sync,
     time_calls,
     utc_now,
@@ -93,9 +95,11 @@ def measure(args: argparse.Namespace, rank: int, world: int, device: torch.devic
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in ROWS}
     monitor = LoadMonitor().start()
-    for _ in range(args.reps):
-        for name in ROWS:
-            times[name].append(time_calls(calls[name], device, inner=args.inner))
+    # a fresh order each round, the same on every rank (same seed), so no row always runs
+    # behind the same one and the ranks run the same row at about the same time
+    for order in round_orders(len(ROWS), args.reps, "sharded_speed"):
+        for i in order:
+            times[ROWS[i]].append(time_calls(calls[ROWS[i]], device, inner=args.inner))
     parts = monitor.stop_parts()
     return {
         "rank": rank,

@@ -66,7 +66,6 @@ import importlib.util
 import logging
 import math
 import os
-import random
 import signal
 import sys
 import threading
@@ -92,6 +91,7 @@ from _common import (
     memory_bandwidth,
     package_versions,
     paired_ratio,
+    round_orders,
     sync,
     time_calls,
     utc_now,
@@ -1381,19 +1381,6 @@ def _dtype_label(param: torch.dtype, shadow: torch.dtype | None) -> str:
     if shadow is None or shadow == param:
         return _short(param)
     return f"{_short(param)}/{_short(shadow)}"
-
-
-def round_orders(n: int, rounds: int, seed: str) -> list[list[int]]:
-    """The order of ``n`` implementations in each of ``rounds`` rounds: a fresh shuffle per
-    round from ``random.Random(seed)`` (reproducible), so no implementation always runs behind
-    the same one, or first."""
-    rng = random.Random(seed)
-    orders = []
-    for _ in range(rounds):
-        order = list(range(n))
-        rng.shuffle(order)
-        orders.append(order)
-    return orders
 
 
 def calls_per_rep(times_ms: list[float], min_rep_ms: float, max_inner: int) -> int:
