@@ -11,8 +11,8 @@ when their tensor is on CUDA.
 
 A DTensor parameter (FSDP2, tensor or expert parallel, HSDP) gets a DTensor shadow with exactly
 its placements, which is what users read; the kernels get local views (the local shard, made once
-when an update is planned, which saves a ``to_local()`` per tensor per update: about 1.6 µs a
-tensor on the CPU, bench/results/sharded_speed_cpu_2026-12-05.json), so an update never
+when an update is planned rather than a ``to_local()`` per tensor per update; on the CPU the
+two cost about the same, bench/results/sharded_speed_cpu_2026-12-05b.json), so an update never
 dispatches through DTensor and never communicates. Each rank's shadows then take its
 parameters' local shards' bytes: the full shadow divided by the shards.
 :func:`shard_start` says where a local shard's elements sit among the full tensor's, so that the
