@@ -11,6 +11,8 @@ The reference is a float64 transcription of what is documented, kept beside the 
 - a partial in-place dtype change that the cheap check does not see (``model[2].half()``) makes one
   update raise, saying "Some shadows may already hold this update": each average is then the one
   before or the one after that update (checked name by name), and the next update follows;
+- a tensor written over by an equal clone straight into its module's dict is followed like a
+  replaced one;
 - parameters added after construction are not tracked (exports take them from the model);
 - ``swapped()`` puts the averages in (cast to the model's dtypes) and gives every tensor back bit
   for bit; ``save()`` writes the averages under the model's keys; both refuse a model the EMA cannot
@@ -49,12 +51,22 @@ OPS = [
     "add_param",
     "remove_param",
     "restore_param",
+    "clone_into_dict",
+    "clone_scale_into_dict",
 ]
+
+
+class Scale(nn.Module):
+    """A one-element parameter: where a replaced tensor's ``==`` with the old one can read true."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(1))
 
 
 def net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2), Scale())
 
 
 class Drift:
@@ -219,6 +231,30 @@ class Drift:
 
     def remove_param(self) -> None:
         self.model[0].bias = None
+
+    def clone_into_dict(self) -> None:
+        """A tensor written over by an equal clone straight into its module's dict, as
+        ``_apply``, FSDP2 or user code do: no hook fires, and the values alone cannot tell."""
+        entries = [
+            (owner, key)
+            for module in self.model.modules()
+            for owner in (module._parameters, module._buffers)
+            for key, value in owner.items()
+            if value is not None and value.device.type == "cpu"
+        ]
+        if not entries:  # all on the meta device
+            return
+        self.seed += 1
+        owner, key = entries[self.seed % len(entries)]
+        old = owner[key]
+        new = old.detach().clone()
+        owner[key] = nn.Parameter(new, old.requires_grad) if isinstance(old, nn.Parameter) else new
+
+    def clone_scale_into_dict(self) -> None:
+        """The one-element parameter written over by an equal clone (``new == old`` is true)."""
+        owner = self.model[3]._parameters
+        if owner["s"].device.type == "cpu":
+            owner["s"] = nn.Parameter(owner["s"].detach().clone())
 
     def restore_param(self) -> None:
         if self.model[0].bias is None:
