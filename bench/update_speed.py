@@ -485,43 +485,35 @@ def _module_shadows(module: nn.Module) -> Callable[[str], torch.Tensor | None]:
     return table.get
 
 
-def make_polyak(kernel: str, label: str | None = None, **options: Any) -> Callable:
-    """``polyak.EMA(model, kernel=kernel, **options)``; ``label`` names the row's kernel."""
+def make_polyak(
+    kernel: str, label: str | None = None, pairs: bool = False, **options: Any
+) -> Callable:
+    """``polyak.EMA(model, kernel=kernel, **options)``; ``label`` names the row's kernel.
+
+    ``pairs``: built on the workload's ``(name, tensor)`` pairs instead of the model, the tensors
+    fixed at construction (as torch_ema keeps them), so with no per-update check that the model
+    still holds them (``polyak._tracking``): what that check costs is such a row against the
+    model's row of the same kernel. Pairs can only average: no integer buffers to copy.
+    """
 
     def make(wl: Workload) -> Impl:
         try:
             import polyak
         except ImportError as e:
             raise Unavailable(f"import polyak failed ({e}); run with PYTHONPATH=src") from e
-        ema = polyak.EMA(
-            wl.model,
-            decay=DECAY,
-            buffers="average" if wl.buffers else "none",
-            shadow_dtype=wl.shadow_dtype,
-            kernel=kernel,
-            **options,
-        )
+        kw = dict(options)
+        if pairs:
+            tracked: Any = list(wl.avg) + list(wl.copy)
+        else:
+            tracked = wl.model
+            kw["buffers"] = "average" if wl.buffers else "none"
+        ema = polyak.EMA(tracked, decay=DECAY, shadow_dtype=wl.shadow_dtype, kernel=kernel, **kw)
         chosen = getattr(ema, "kernel", kernel)
-        notes = [f"{k}={v!r}" for k, v in options.items()]
+        notes = ["(name, tensor) pairs"] if pairs else []
+        notes += [f"{k}={v!r}" for k, v in options.items()]
         if chosen != kernel:
             notes.append(f"kernel={kernel!r} ran as {chosen!r}")
         return Impl("polyak", label or kernel, ema.update, ema.average, ", ".join(notes), ema)
-
-    return make
-
-
-def make_polyak_pairs(kernel: str) -> Callable:
-    """``polyak.EMA(pairs, kernel=kernel)`` on the workload's ``(name, tensor)`` pairs: the same
-    update with the tensors fixed at construction (as torch_ema keeps them), so no per-update
-    check that the model still holds them (``polyak._tracking``): what that check costs is this
-    row against the ``polyak`` row of the same kernel."""
-
-    def make(wl: Workload) -> Impl:
-        import polyak
-
-        pairs = list(wl.avg) + list(wl.copy)
-        ema = polyak.EMA(pairs, decay=DECAY, shadow_dtype=wl.shadow_dtype, kernel=kernel)
-        return Impl("polyak", kernel + PAIRS, ema.update, ema.average, "(name, tensor) pairs", ema)
 
     return make
 
@@ -978,7 +970,12 @@ SPECS: list[Spec] = [
     # last: on a GPU whose memory runs short (the 1.31B model), these are dropped, not a peer
     Spec(RAW, RAW_LIVE, lambda wl: make_raw(wl, live=True), lambda wl: not _mixed(wl)),
     # pairs can only average: a workload that copies integer buffers has no pairs row
-    Spec("polyak", "foreach" + PAIRS, make_polyak_pairs("foreach"), lambda wl: not wl.copy),
+    Spec(
+        "polyak",
+        "foreach" + PAIRS,
+        make_polyak("foreach", "foreach" + PAIRS, pairs=True),
+        lambda wl: not wl.copy,
+    ),
     Spec(RAW, RAW_REPLICA, lambda wl: make_raw(wl, label=RAW_REPLICA), lambda wl: not _mixed(wl)),
 ]
 
