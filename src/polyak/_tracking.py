@@ -19,14 +19,14 @@ notices all of these on the host, cheaply:
   the watch was made: CPython's dict equality compares values by identity first, so an unchanged
   dict costs no tensor comparison (about 35 us for the 1024 dicts of 2048 tensors, half the cost
   of a per-tensor ``dict.get``/``is`` pass; once an update has evicted the dicts from the cache,
-  either is a trip to memory per dict, about 0.3 us a module). A changed value falls through to ``Tensor.__eq__``, whose result must never
-  read as "equal": that holds where every value is ``None`` or a plain ``Tensor``/``Parameter``
-  of more than one element (``bool()`` of a many-element result raises, which reads as stale;
-  ``t == None`` is false). A dict that holds anything else (a one-element or empty tensor, a
-  DTensor, a lazy parameter) is checked entry by entry for identity instead
-  (``map(operator.is_, ...)``, about 35 ns a tensor). The one change this misses is a tensor
-  subclass whose own ``__eq__`` answers a plain ``True``, written directly over a plain tensor;
-  no torch subclass does that;
+  either is a trip to memory per dict, about 0.3 us a module). A changed value falls through to
+  ``Tensor.__eq__``, whose result must never read as "equal": that holds where every value is
+  ``None`` or a plain ``Tensor``/``Parameter`` of more than one element (``bool()`` of a
+  many-element result raises, which reads as stale; ``t == None`` is false). A dict that holds
+  anything else (a one-element or empty tensor, a DTensor, a lazy parameter) is checked entry by
+  entry for identity instead (``map(operator.is_, ...)``, about 35 ns a tensor). The one change
+  this misses is a tensor subclass whose own ``__eq__`` answers a plain ``True``, written
+  directly over a plain tensor; no torch subclass does that;
 - a whole-model conversion keeps the parameter objects and changes them in place: the first tensor
   of each (kind, dtype, device) group is checked for dtype, device and identity;
 - a DTensor (FSDP2) parameter is averaged through its local shard, a view the update plans once
@@ -235,9 +235,9 @@ class Watch:
             _WATCHES.add(self)
         # owner dicts compared whole against a snapshot where that is exact (module docstring),
         # the rest entry by entry
-        owners = {id(owner): owner for owner, _, _ in self.entries}
-        whole = {key for key, owner in owners.items() if _comparable(owner)}
-        self._dicts = [owner for key, owner in owners.items() if key in whole]  # model order
+        owners = {id(owner): owner for owner, _, _ in self.entries}  # model order, once each
+        self._dicts = [owner for owner in owners.values() if _comparable(owner)]
+        whole = {id(owner) for owner in self._dicts}
         self._snapshots = [dict(owner) for owner in self._dicts]
         exact = [entry for entry in self.entries if id(entry[0]) not in whole]
         self._owners = [owner for owner, _, _ in exact]
